@@ -112,11 +112,11 @@ macro_rules! export_plugin {
         #[::abi_stable::export_root_module]
         pub fn kedit_plugin_root_module() -> $crate::plugin::PluginModRef {
             use ::abi_stable::prefix_type::PrefixTypeTrait;
-            extern "C" fn info() -> ::abi_stable::std_types::RResult<$crate::plugin::PluginInfo, $crate::PluginError> {
+            extern "C" fn __kedit_info() -> ::abi_stable::std_types::RResult<$crate::plugin::PluginInfo, $crate::PluginError> {
                 $crate::guard::guard(|| Ok($info()))
             }
             #[allow(unused_variables)]
-            extern "C" fn probe(path: ::abi_stable::std_types::RStr<'_>) -> ::abi_stable::std_types::RResult<::abi_stable::std_types::ROption<::abi_stable::std_types::RString>, $crate::PluginError> {
+            extern "C" fn __kedit_probe(path: ::abi_stable::std_types::RStr<'_>) -> ::abi_stable::std_types::RResult<::abi_stable::std_types::ROption<::abi_stable::std_types::RString>, $crate::PluginError> {
                 $crate::guard::guard(|| {
                     $( return $probe(path.as_str()).map(|f: Option<String>| f.map(::abi_stable::std_types::RString::from).into()); )?
                     #[allow(unreachable_code)]
@@ -124,21 +124,26 @@ macro_rules! export_plugin {
                 })
             }
             #[allow(unused_variables)]
-            extern "C" fn open_model(request: &$crate::plugin::OpenRequest) -> ::abi_stable::std_types::RResult<$crate::ModelBox, $crate::PluginError> {
+            extern "C" fn __kedit_open_model(request: &$crate::plugin::OpenRequest) -> ::abi_stable::std_types::RResult<$crate::ModelBox, $crate::PluginError> {
                 $crate::guard::guard(|| {
                     $( return $open(request); )?
                     #[allow(unreachable_code)]
                     Err($crate::PluginError::unsupported("this plugin does not provide model families"))
                 })
             }
-            extern "C" fn new_editor() -> ::abi_stable::std_types::RResult<$crate::EditorBox, $crate::PluginError> {
+            extern "C" fn __kedit_new_editor() -> ::abi_stable::std_types::RResult<$crate::EditorBox, $crate::PluginError> {
                 $crate::guard::guard(|| {
                     $( return $editor(); )?
                     #[allow(unreachable_code)]
                     Err($crate::PluginError::unsupported("this plugin does not provide editors"))
                 })
             }
-            $crate::plugin::PluginMod { info, probe, open_model, new_editor }.leak_into_prefix()
+            $crate::plugin::PluginMod {
+                info: __kedit_info,
+                probe: __kedit_probe,
+                open_model: __kedit_open_model,
+                new_editor: __kedit_new_editor,
+            }.leak_into_prefix()
         }
     };
 }
