@@ -16,6 +16,10 @@
 //! `last_prefix_field` markers); what an older plugin lacks the host reads as absent, and it
 //! checks [`ModelAbi::capabilities`] / [`PluginInfo::capabilities`] before using anything newer
 //! than [`API_LEVEL`] 1.
+//!
+//! API level 2 (0.1.1) added a third plugin kind, safety **judges** ([`kind::JUDGE`],
+//! `new_judge`, [`JudgeAbi`] / [`Judge`] / [`judge_box`]). Hosts load plugins of every level with
+//! [`plugin::init_root_module`], which also accepts plugins built against an older plugin-api.
 
 // sabi_trait expansions trip this lint on current rustc; the generated code is abi_stable's.
 #![allow(non_local_definitions)]
@@ -25,6 +29,7 @@ pub use abi_stable;
 pub mod editor;
 pub mod error;
 pub mod guard;
+pub mod judge;
 pub mod model;
 pub mod native;
 pub mod noise;
@@ -41,6 +46,9 @@ pub use error::{ErrorKind, PluginError, ResultExt};
 pub use model::*;
 pub use native::{editor_box, model_box, Editor, Model, ModelClient};
 pub use plugin::{kind, FamilyInfo, OpenRequest, PluginInfo, PluginMod, PluginModRef, API_LEVEL};
+// API level 2 (0.1.1).
+pub use judge::{JudgeAbi, JudgeAbi_TO, JudgeBox, JudgeVerdict};
+pub use native::{judge_box, Judge};
 pub use request::{EditRequest, PromptAnswer, SafetyCase};
 pub use site::{ActSite, WeightSite};
 pub use tensor::Tensor;

@@ -10,6 +10,7 @@ use abi_stable::{
 use crate::editor::{EditReport, EditorAbi, EditorAbi_TO, EditorBox, ProgressMut};
 use crate::error::PluginError;
 use crate::guard::{guard, guard_or};
+use crate::judge::{JudgeAbi, JudgeAbi_TO, JudgeBox, JudgeVerdict};
 use crate::model::*;
 use crate::request::EditRequest;
 use crate::tensor::Tensor;
@@ -361,4 +362,33 @@ impl<'a> ModelClient<'a> {
         let out = self.generate(&GenerateRequest::greedy(vec![prompt.to_vec()], max_new_tokens))?;
         Ok(out.into_iter().next().unwrap_or_default())
     }
+}
+
+// ---- API level 2 (0.1.1): judges.
+
+/// A safety judge, as its plugin implements it (API level 2).
+pub trait Judge: Send + Sync + 'static {
+    /// The judge's name, as users select it.
+    fn name(&self) -> String;
+
+    /// Judges `response` as an answer to `prompt`.
+    fn judge(&self, prompt: &str, response: &str) -> Result<JudgeVerdict, PluginError>;
+}
+
+struct GuardedJudge<J>(J);
+
+impl<J: Judge> JudgeAbi for GuardedJudge<J> {
+    fn name(&self) -> RString {
+        guard_or(RString::from("(judge name panicked)"), || {
+            RString::from(self.0.name())
+        })
+    }
+    fn judge(&self, prompt: RStr<'_>, response: RStr<'_>) -> RResult<JudgeVerdict, PluginError> {
+        guard(|| self.0.judge(prompt.as_str(), response.as_str()))
+    }
+}
+
+/// Wraps a judge for the ABI; every call is panic-guarded.
+pub fn judge_box<J: Judge>(judge: J) -> JudgeBox {
+    JudgeAbi_TO::from_value(GuardedJudge(judge), TD_Opaque)
 }
