@@ -249,3 +249,15 @@ pub fn init_root_module(header: &LibHeader) -> Result<(PluginModRef, u32), Libra
         Err(other) => Err(other),
     }
 }
+
+/// Loads the plugin at `path` into this process for good (plugins are never unloaded) and returns
+/// its root module with the layout level it was checked at. The host's loader adds friendlier
+/// errors on top; tests and embedders that just need a plugin use this.
+pub fn load_from_path(path: &std::path::Path) -> Result<(PluginModRef, u32), LibraryError> {
+    let library = abi_stable::library::RawLibrary::load_at(path)?;
+    let library: &'static abi_stable::library::RawLibrary = Box::leak(Box::new(library));
+    // SAFETY: the library stays loaded for the life of the process (leaked above), which is
+    // what abi_stable requires of a header it hands out.
+    let header = unsafe { abi_stable::library::lib_header_from_raw_library(library)? };
+    init_root_module(header)
+}
