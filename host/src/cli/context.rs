@@ -1,0 +1,164 @@
+//! What every command shares: the config file, the plugin registry, the device, opening the model.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+
+use super::{GlobalArgs, ModelArgs};
+use crate::config::Config;
+use crate::model::{ModelHandle, OpenSpec};
+use crate::plugins::{PluginSources, Registry};
+use crate::resolve::resolve_model;
+
+pub struct Context {
+    pub global: GlobalArgs,
+    pub config: Config,
+    /// The config file, for messages.
+    pub config_path: Option<PathBuf>,
+}
+
+impl Context {
+    pub fn new(global: GlobalArgs) -> Result<Self> {
+        let config = match &global.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        Ok(Self {
+            config_path: global.config.clone(),
+            global,
+            config,
+        })
+    }
+
+    /// How the config file is named in messages.
+    pub fn config_name(&self) -> String {
+        self.config_path
+            .as_deref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "the config".to_string())
+    }
+
+    pub fn plugin_sources(&self) -> PluginSources {
+        PluginSources {
+            files: self
+                .global
+                .plugins
+                .iter()
+                .chain(&self.config.plugins)
+                .cloned()
+                .collect(),
+            dirs: self
+                .global
+                .plugin_dirs
+                .iter()
+                .chain(&self.config.plugin_dirs)
+                .cloned()
+                .collect(),
+            binary_dir: !self.global.no_default_plugins,
+        }
+    }
+
+    /// Loads the plugins. A plugin the user named that fails is an error; others only warn.
+    pub fn registry(&self) -> Result<Registry> {
+        let registry = Registry::load(&self.plugin_sources());
+        let explicit: Vec<String> = registry
+            .explicit_failures()
+            .map(|f| f.error.to_string())
+            .collect();
+        if !explicit.is_empty() {
+            bail!("{}", explicit.join("\n"));
+        }
+        registry.warn_failures();
+        Ok(registry)
+    }
+
+    /// `--device`, else the config's `device`, else the build's default.
+    pub fn device(&self) -> Result<String> {
+        let device = self
+            .global
+            .device
+            .clone()
+            .or_else(|| self.config.device.clone())
+            .unwrap_or_else(|| default_device().to_string());
+        normalize_device(&device)
+    }
+
+    /// The checkpoint to open: `--model`, else `[model] path|name`.
+    pub fn model_path(&self, args: &ModelArgs) -> Result<PathBuf> {
+        let spec = match (&args.model, &self.config.model) {
+            (Some(m), _) => m.clone(),
+            (None, Some(model)) => match (&model.path, &model.name) {
+                (Some(path), _) => path.display().to_string(),
+                (None, Some(name)) => name.clone(),
+                (None, None) => bail!(
+                    "{}: [model] needs `path` or `name` (or give --model)",
+                    self.config_name()
+                ),
+            },
+            (None, None) => {
+                bail!("no model given: pass --model PATH|NAME or set [model] in --config")
+            }
+        };
+        resolve_model(&spec)
+    }
+
+    pub fn open_model(&self, args: &ModelArgs) -> Result<ModelHandle> {
+        let registry = self.registry()?;
+        self.open_model_with(&registry, args)
+    }
+
+    pub fn open_model_with(&self, registry: &Registry, args: &ModelArgs) -> Result<ModelHandle> {
+        let path = self.model_path(args)?;
+        let family = args
+            .family
+            .clone()
+            .or_else(|| self.config.model.as_ref().and_then(|m| m.family.clone()));
+        let spec = OpenSpec {
+            path,
+            family,
+            device: self.device()?,
+        };
+        ModelHandle::open(registry, &spec)
+    }
+}
+
+fn default_device() -> &'static str {
+    if cfg!(feature = "cuda") {
+        "cuda:0"
+    } else {
+        "cpu"
+    }
+}
+
+/// `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
+pub fn normalize_device(device: &str) -> Result<String> {
+    let device = device.trim().to_ascii_lowercase();
+    if device == "cpu" {
+        return Ok(device);
+    }
+    if device == "cuda" {
+        return Ok("cuda:0".to_string());
+    }
+    if let Some(index) = device.strip_prefix("cuda:") {
+        if index.parse::<u32>().is_ok() {
+            return Ok(device);
+        }
+    }
+    bail!("unknown device `{device}`: use cpu or cuda:N")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_are_checked_and_normalised() {
+        assert_eq!(normalize_device("CPU").unwrap(), "cpu");
+        assert_eq!(normalize_device("cuda").unwrap(), "cuda:0");
+        assert_eq!(normalize_device("cuda:1").unwrap(), "cuda:1");
+        assert!(normalize_device("tpu")
+            .unwrap_err()
+            .to_string()
+            .contains("cpu or cuda:N"));
+    }
+}

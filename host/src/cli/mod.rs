@@ -1,0 +1,96 @@
+//! The `kedit` command line: one file per command, shared setup in [`context`].
+
+mod context;
+mod edit;
+mod export;
+mod fetch;
+mod generate;
+mod info;
+mod plugins;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+
+pub use context::Context;
+pub use edit::{EditArgs, EditInputArgs};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "kedit",
+    version,
+    about = "Knowledge editing for LLMs: model families and editing methods as plugins",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command understands, before or after the command name.
+#[derive(Args, Debug, Clone, Default)]
+pub struct GlobalArgs {
+    /// Config file (TOML); flags override its values.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Load this plugin file (repeatable).
+    #[arg(long = "plugin", global = true, value_name = "PATH")]
+    pub plugins: Vec<PathBuf>,
+    /// Load every shared library in this directory as a plugin (repeatable); replaces the
+    /// default plugin directory (the kedit binary's own, libkedit_* files only).
+    #[arg(long = "plugin-dir", global = true, value_name = "DIR")]
+    pub plugin_dirs: Vec<PathBuf>,
+    /// Do not scan the default plugin directory.
+    #[arg(long, global = true)]
+    pub no_default_plugins: bool,
+    /// Device for the model: cpu or cuda:N.
+    #[arg(long, global = true, value_name = "DEVICE")]
+    pub device: Option<String>,
+    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// `--model` and `--family`, shared by the commands that open a model.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ModelArgs {
+    /// A checkpoint (HF directory or .gguf file) or a known model name (see `kedit fetch --list`).
+    #[arg(long, value_name = "PATH|NAME")]
+    pub model: Option<String>,
+    /// Force a model family instead of detecting it from the checkpoint.
+    #[arg(long, value_name = "FAMILY")]
+    pub family: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// List the plugins found, with their families or methods, and the files that failed.
+    Plugins(plugins::PluginsArgs),
+    /// Show what a model is: family, sizes, vocabulary, special tokens, weight sites.
+    Info(info::InfoArgs),
+    /// Continue a prompt (or token ids) with the model.
+    Generate(generate::GenerateArgs),
+    /// Apply edit requests to a model, each as a transaction.
+    Edit(EditArgs),
+    /// Write a model (after applying the config's edits, if any) to a directory.
+    Export(export::ExportArgs),
+    /// Download a known model into the cache.
+    Fetch(fetch::FetchArgs),
+}
+
+/// Runs the parsed command line; the exit code reports partial failures.
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let context = Context::new(cli.global)?;
+    match cli.command {
+        Command::Plugins(args) => plugins::run(&context, args),
+        Command::Info(args) => info::run(&context, args),
+        Command::Generate(args) => generate::run(&context, args),
+        Command::Edit(args) => edit::run(&context, args),
+        Command::Export(args) => export::run(&context, args),
+        Command::Fetch(args) => fetch::run(args),
+    }
+}
