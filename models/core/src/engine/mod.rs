@@ -1,0 +1,16 @@
+//! The transformer engine shared by every family: the per-call [`pass::Pass`], the attention
+//! kernel, RoPE, norms, frozen matmuls, interventions and the KV cache.
+
+pub mod attention;
+pub mod edits;
+pub mod frozen;
+pub mod kv_cache;
+pub mod layout;
+pub mod ops;
+pub mod pass;
+pub mod rope;
+
+pub use attention::AttentionShape;
+pub use ops::Path;
+pub use pass::Pass;
+pub use rope::{Rope, RopeStyle};

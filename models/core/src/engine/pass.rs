@@ -1,0 +1,213 @@
+//! The state of one forward call: which path it takes (fused inference or differentiable), the
+//! interventions and captures at activation sites, the taps at linear maps, the modules, the
+//! attention mask and RoPE tables, and (when generating) the KV cache. Family forwards talk to
+//! the network only through a `Pass`, so every family gets captures, interventions, modules and
+//! gradients the same way.
+
+use std::collections::{HashMap, HashSet};
+
+use candle_core::{Device, Tensor, Var};
+use kedit_plugin_api::{ActSite, ModuleContext, WeightSite};
+
+use super::attention::{attention, AttentionInputs, AttentionShape};
+use super::edits::SiteEdit;
+use super::frozen;
+use super::kv_cache::KvCache;
+use super::layout::RowLayout;
+use super::ops::{self, Path};
+use super::rope::{Rope, RopeTables};
+use crate::error::Result;
+use crate::modules::ModuleSet;
+use crate::weights::WeightStore;
+
+/// What a gradient call returns for a linear map: its input and a zero leaf added to its
+/// output, whose gradient is the gradient of the output.
+pub struct Tap {
+    pub input: Tensor,
+    pub output_leaf: Var,
+}
+
+/// What a pass leaves behind.
+pub struct PassOutputs {
+    pub captured: HashMap<ActSite, Tensor>,
+    pub taps: HashMap<WeightSite, Tap>,
+}
+
+pub struct Pass<'a> {
+    path: Path,
+    weights: &'a WeightStore,
+    modules: &'a ModuleSet,
+    layout: RowLayout,
+    module_context: ModuleContext,
+    edits: HashMap<ActSite, SiteEdit>,
+    capture: HashSet<ActSite>,
+    captured: HashMap<ActSite, Tensor>,
+    tap_sites: HashSet<WeightSite>,
+    taps: HashMap<WeightSite, Tap>,
+    mask: Option<Tensor>,
+    query_has_key: Option<Tensor>,
+    positions: Vec<u32>,
+    rope_tables: Option<(Rope, RopeTables)>,
+    cache: Option<&'a mut KvCache>,
+    device: Device,
+}
+
+impl<'a> Pass<'a> {
+    pub fn new(
+        path: Path,
+        weights: &'a WeightStore,
+        modules: &'a ModuleSet,
+        layout: RowLayout,
+        cache: Option<&'a mut KvCache>,
+        device: &Device,
+    ) -> Result<Self> {
+        let generating = cache.is_some();
+        Ok(Self {
+            path,
+            weights,
+            modules,
+            module_context: layout.module_context(generating),
+            mask: layout.attention_mask(device)?,
+            query_has_key: layout.query_has_key(device)?,
+            positions: layout.positions(),
+            layout,
+            edits: HashMap::new(),
+            capture: HashSet::new(),
+            captured: HashMap::new(),
+            tap_sites: HashSet::new(),
+            taps: HashMap::new(),
+            rope_tables: None,
+            cache,
+            device: device.clone(),
+        })
+    }
+
+    pub fn with_edits(mut self, edits: HashMap<ActSite, SiteEdit>) -> Self {
+        self.edits = edits;
+        self
+    }
+
+    pub fn with_captures(mut self, sites: impl IntoIterator<Item = ActSite>) -> Self {
+        self.capture.extend(sites);
+        self
+    }
+
+    pub fn with_taps(mut self, sites: impl IntoIterator<Item = WeightSite>) -> Self {
+        self.tap_sites.extend(sites);
+        self
+    }
+
+    pub fn path(&self) -> Path {
+        self.path
+    }
+
+    pub fn layout(&self) -> &RowLayout {
+        &self.layout
+    }
+
+    pub fn weights(&self) -> &WeightStore {
+        self.weights
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Passes `h` through activation site `site`: applies its interventions, then records it if
+    /// captured.
+    pub fn act(&mut self, site: ActSite, h: Tensor) -> Result<Tensor> {
+        let h = match self.edits.get(&site) {
+            Some(edit) => edit.apply(&h)?,
+            None => h,
+        };
+        if self.capture.contains(&site) {
+            self.captured.insert(site, h.detach());
+        }
+        Ok(h)
+    }
+
+    /// The linear map at `site` applied to `x: [batch, seq, in]`: `x·Wᵀ (+ b)` with a frozen
+    /// weight, then any installed modules, then (for a gradient tap) a zero leaf whose gradient
+    /// is the output gradient.
+    pub fn linear(&mut self, site: WeightSite, x: &Tensor) -> Result<Tensor> {
+        let w = self.weights.site(site)?;
+        let mut y = frozen::linear(x, w)?;
+        if let Some(b) = self.weights.bias(site) {
+            y = y.broadcast_add(b)?;
+        }
+        if self.modules.has_site(site) {
+            y = self.modules.apply(site, x, y, &self.module_context)?;
+        }
+        if self.tap_sites.contains(&site) {
+            let leaf = Var::zeros(y.shape(), y.dtype(), &self.device)?;
+            y = (y + leaf.as_tensor())?;
+            self.taps.insert(
+                site,
+                Tap {
+                    input: x.detach(),
+                    output_leaf: leaf,
+                },
+            );
+        }
+        Ok(y)
+    }
+
+    /// Token embeddings of `ids: [batch, seq]` from the `embed.weight` site.
+    pub fn embedding(&self, ids: &Tensor) -> Result<Tensor> {
+        let table = self.weights.site(WeightSite::Embed)?;
+        let (b, s) = ids.dims2()?;
+        let d = table.dim(1)?;
+        Ok(table
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, s, d))?)
+    }
+
+    /// RMS norm with the family weight `name`.
+    pub fn rms_norm(&self, x: &Tensor, name: &str, eps: f64) -> Result<Tensor> {
+        let w = self.weights.named(name)?;
+        Ok(ops::rms_norm(x, w, eps, self.path)?)
+    }
+
+    /// Causal self-attention of layer `layer` with this call's mask, RoPE and cache.
+    pub fn attention(
+        &mut self,
+        layer: usize,
+        shape: AttentionShape,
+        rope: Option<&Rope>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
+        if let Some(rope) = rope {
+            let stale = !matches!(&self.rope_tables, Some((r, _)) if r == rope);
+            if stale {
+                let tables = rope.tables(
+                    &self.positions,
+                    self.layout.batch,
+                    self.layout.seq,
+                    &self.device,
+                )?;
+                self.rope_tables = Some((rope.clone(), tables));
+            }
+        }
+        let inputs = AttentionInputs {
+            rope: rope.and(self.rope_tables.as_ref().map(|(r, t)| (r, t))),
+            mask: self.mask.as_ref(),
+            query_has_key: self.query_has_key.as_ref(),
+            path: self.path,
+        };
+        let cache = self.cache.as_deref_mut().map(|c| (c, layer));
+        Ok(attention(shape, q, k, v, &inputs, cache)?)
+    }
+
+    /// Marks that this call's tokens went through every layer (generation).
+    pub fn finish(mut self) -> PassOutputs {
+        if let Some(cache) = self.cache.as_deref_mut() {
+            cache.advance(self.layout.seq);
+        }
+        PassOutputs {
+            captured: self.captured,
+            taps: self.taps,
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! Gradients of editor-described losses, and prepared batches.
+//!
+//! The loss is `Σ wₙ·(−log p(token)) + Σ w_k·KL(ref ‖ p)` at chosen (row, position) slots. Only
+//! those slots go through the LM head. The tracked part of the loss is one contraction
+//! `−Σ C ⊙ log p` with a constant coefficient matrix `C` (NLL weights at the target tokens,
+//! `w·exp(ref)` for KL terms); the constant `Σ w·exp(ref)·ref` of the KL terms and the reported
+//! values are computed on the host in f64.
+
+use std::collections::HashMap;
+
+use candle_core::{Tensor, Var};
+use kedit_plugin_api::{
+    ActSite, Batch, ForwardOutput, GradOutput, GradRequest, LogitsWanted, SiteGrad, WeightSite,
+};
+
+use super::{Prepared, Runtime, Start};
+use crate::arch::Architecture;
+use crate::device::{from_abi, to_abi};
+use crate::engine::layout::RowLayout;
+use crate::engine::ops::log_softmax_last_dim;
+use crate::engine::{Pass, Path};
+use crate::error::{invalid, not_found, numeric, Result};
+
+/// The loss terms gathered per distinct slot.
+struct LossPlan {
+    /// Flat `row·seq + position` of each distinct slot, in order of first use.
+    slots: Vec<u32>,
+    /// For each NLL term: (slot index, token, weight).
+    nll: Vec<(usize, u32, f32)>,
+    /// For each KL term: (slot index, reference log-probabilities, weight).
+    kl: Vec<(usize, Vec<f32>, f32)>,
+}
+
+impl LossPlan {
+    fn parse(req: &GradRequest, layout: &RowLayout, vocab: usize) -> Result<Self> {
+        let mut slots = Vec::new();
+        let mut index: HashMap<u32, usize> = HashMap::new();
+        let mut slot_of = |row: u32, pos: u32, what: &str| -> Result<usize> {
+            layout.check_slot(what, row as usize, pos as usize)?;
+            let flat = row * layout.seq as u32 + pos;
+            Ok(*index.entry(flat).or_insert_with(|| {
+                slots.push(flat);
+                slots.len() - 1
+            }))
+        };
+        let mut nll = Vec::new();
+        for (i, t) in req.nll.iter().enumerate() {
+            let what = format!("nll term {i}");
+            if t.token as usize >= vocab {
+                return Err(invalid(format!(
+                    "{what}: token {} is outside the vocabulary of {vocab}",
+                    t.token
+                )));
+            }
+            if !t.weight.is_finite() {
+                return Err(invalid(format!(
+                    "{what}: weight {} is not finite",
+                    t.weight
+                )));
+            }
+            nll.push((slot_of(t.row, t.position, &what)?, t.token, t.weight));
+        }
+        let mut kl = Vec::new();
+        for (i, t) in req.kl.iter().enumerate() {
+            let what = format!("kl term {i}");
+            t.ref_logprobs
+                .expect_shape(&format!("{what}: ref_logprobs"), &[vocab])?;
+            if t.ref_logprobs
+                .as_slice()
+                .iter()
+                .any(|v| v.is_nan() || *v == f32::INFINITY)
+            {
+                return Err(invalid(format!("{what}: ref_logprobs hold NaN or +inf")));
+            }
+            if !t.weight.is_finite() {
+                return Err(invalid(format!(
+                    "{what}: weight {} is not finite",
+                    t.weight
+                )));
+            }
+            let slot = slot_of(t.row, t.position, &what)?;
+            kl.push((slot, t.ref_logprobs.as_slice().to_vec(), t.weight));
+        }
+        Ok(Self { slots, nll, kl })
+    }
+
+    /// `C` as a host buffer `[slots, vocab]`.
+    fn coefficients(&self, vocab: usize) -> Vec<f32> {
+        let mut c = vec![0f32; self.slots.len() * vocab];
+        for &(k, token, w) in &self.nll {
+            c[k * vocab + token as usize] += w;
+        }
+        for (k, reference, w) in &self.kl {
+            let row = &mut c[k * vocab..(k + 1) * vocab];
+            for (c, &r) in row.iter_mut().zip(reference) {
+                *c += w * r.exp();
+            }
+        }
+        c
+    }
+
+    /// (nll, kl, per-term log-probabilities) from the slots' log-probabilities.
+    fn values(&self, logp: &[f32], vocab: usize) -> (f64, f64, Vec<f32>) {
+        let mut nll = 0f64;
+        let mut logprobs = Vec::with_capacity(self.nll.len());
+        for &(k, token, w) in &self.nll {
+            let lp = logp[k * vocab + token as usize];
+            logprobs.push(lp);
+            nll -= w as f64 * lp as f64;
+        }
+        let mut kl = 0f64;
+        for (k, reference, w) in &self.kl {
+            let row = &logp[k * vocab..(k + 1) * vocab];
+            let term: f64 = reference
+                .iter()
+                .zip(row)
+                .filter(|(r, _)| r.is_finite())
+                .map(|(&r, &lp)| (r as f64).exp() * (r as f64 - lp as f64))
+                .sum();
+            kl += *w as f64 * term;
+        }
+        (nll, kl, logprobs)
+    }
+}
+
+/// Whether `site` lies below a prepared layer (computed once, so it cannot be changed).
+fn act_below(site: &ActSite, layer: usize) -> bool {
+    match site {
+        ActSite::Embed => true,
+        ActSite::FinalNorm => false,
+        s => s.layer().is_some_and(|l| l < layer),
+    }
+}
+
+impl<A: Architecture> Runtime<A> {
+    pub(super) fn prepare_impl(&mut self, batch: &Batch, from_layer: usize) -> Result<u64> {
+        let n_layers = self.arch.dims().n_layers;
+        if from_layer > n_layers {
+            return Err(invalid(format!(
+                "prepare: layer {from_layer} does not exist (the model has {n_layers} layers)"
+            )));
+        }
+        let request = kedit_plugin_api::ForwardRequest::new(batch.clone(), LogitsWanted::None);
+        let parsed = self.parse_forward(&request)?;
+        // The gradient path's own kernels, so that prepared and unprepared gradients agree
+        // bit for bit; nothing is tracked because no variable takes part.
+        let mut pass = Pass::new(
+            Path::Gradient,
+            &self.weights,
+            &self.modules,
+            parsed.layout,
+            None,
+            &self.device,
+        )?;
+        let start = Start::Embeddings {
+            ids: parsed.ids,
+            noise: None,
+        };
+        let resid = self.run_blocks(&mut pass, start, from_layer)?.detach();
+        self.next_handle += 1;
+        let handle = self.next_handle;
+        self.prepared.insert(
+            handle,
+            Prepared {
+                batch: batch.clone(),
+                from_layer,
+                resid,
+                epoch: self.epochs.below(from_layer),
+            },
+        );
+        Ok(handle)
+    }
+
+    pub(super) fn release_impl(&mut self, handle: u64) -> Result<()> {
+        self.prepared
+            .remove(&handle)
+            .map(|_| ())
+            .ok_or_else(|| not_found(format!("no prepared batch has handle {handle}")))
+    }
+
+    /// The prepared start for `handle`, after checking that the request fits it.
+    fn prepared_start(
+        &self,
+        handle: u64,
+        req: &GradRequest,
+        taps: &[WeightSite],
+        captures: &[ActSite],
+    ) -> Result<Start> {
+        let p = self
+            .prepared
+            .get(&handle)
+            .ok_or_else(|| not_found(format!("no prepared batch has handle {handle}")))?;
+        let layer = p.from_layer;
+        if p.batch != req.forward.batch {
+            return Err(invalid(format!(
+                "prepared handle {handle} was made for a different batch"
+            )));
+        }
+        if p.epoch != self.epochs.below(layer) {
+            return Err(invalid(format!(
+                "prepared handle {handle} is stale: a weight or module below layer {layer} \
+                 changed since it was prepared; prepare the batch again"
+            )));
+        }
+        let below = |what: String| {
+            invalid(format!(
+                "{what} lies below layer {layer}, which handle {handle} computed once; \
+                 prepare from a lower layer"
+            ))
+        };
+        for iv in req.forward.interventions.iter() {
+            let site: ActSite = iv.site.parse()?;
+            if act_below(&site, layer) {
+                return Err(below(format!("intervention at '{site}'")));
+            }
+        }
+        if let Some(site) = captures.iter().find(|s| act_below(s, layer)) {
+            return Err(below(format!("capture of '{site}'")));
+        }
+        if !req.forward.noise.is_empty() {
+            return Err(below("embedding noise".into()));
+        }
+        if let Some(site) = taps
+            .iter()
+            .find(|s| *s == &WeightSite::Embed || s.layer().is_some_and(|l| l < layer))
+        {
+            return Err(below(format!("site gradient of '{site}'")));
+        }
+        Ok(Start::Resid {
+            layer,
+            h: p.resid.clone(),
+        })
+    }
+
+    pub(super) fn gradient_impl(&self, req: &GradRequest) -> Result<GradOutput> {
+        let fwd = &req.forward;
+        let dims = self.arch.dims();
+        let vocab = dims.vocab_size;
+        let parsed = self.parse_forward(fwd)?;
+        let loss_plan = LossPlan::parse(req, &parsed.layout, vocab)?;
+        let taps = req
+            .site_grads
+            .iter()
+            .map(|s| {
+                let site: WeightSite = s.parse()?;
+                dims.check_weight_site(&site)?;
+                if site == WeightSite::Embed {
+                    return Err(invalid(
+                        "site gradient of 'embed.weight': the embedding is a lookup, not a linear map",
+                    ));
+                }
+                Ok(site)
+            })
+            .collect::<Result<Vec<_>>>()?;
+
+        let vars = fwd
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let t = from_abi(p, &self.device, &format!("parameter {i}"), None)?;
+                Ok(Var::from_tensor(&t)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let param_tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let edits = parsed
+            .plan
+            .materialize(&param_tensors, &parsed.layout, &self.device)?;
+
+        let start = match req.prepared.into_option() {
+            Some(handle) => self.prepared_start(handle, req, &taps, &parsed.captures)?,
+            None => Start::Embeddings {
+                ids: parsed.ids,
+                noise: parsed.noise,
+            },
+        };
+        let layout = parsed.layout;
+        let mut pass = Pass::new(
+            Path::Gradient,
+            &self.weights,
+            &self.modules,
+            layout.clone(),
+            None,
+            &self.device,
+        )?
+        .with_edits(edits)
+        .with_captures(parsed.captures.iter().copied())
+        .with_taps(taps.iter().copied());
+
+        let h = self.run_blocks(&mut pass, start, dims.n_layers)?;
+        let hn = self.arch.final_norm(&mut pass, &h)?;
+        let hn = pass.act(ActSite::FinalNorm, hn)?;
+        let (b, s, d) = hn.dims3()?;
+
+        // The head runs on the loss slots only, unless something needs all of its output.
+        let full_head = fwd.logits == LogitsWanted::All
+            || taps.contains(&WeightSite::LmHead)
+            || self.modules.has_site(WeightSite::LmHead);
+        let slots = Tensor::new(loss_plan.slots.as_slice(), &self.device)?;
+        let (slot_logits, all_logits) = if full_head {
+            let all = self.arch.lm_head(&mut pass, &hn)?;
+            let picked = if loss_plan.slots.is_empty() {
+                None
+            } else {
+                Some(all.reshape((b * s, vocab))?.index_select(&slots, 0)?)
+            };
+            (picked, Some(all))
+        } else if loss_plan.slots.is_empty() {
+            (None, None)
+        } else {
+            let x = hn
+                .reshape((b * s, d))?
+                .index_select(&slots, 0)?
+                .unsqueeze(0)?;
+            (Some(self.arch.lm_head(&mut pass, &x)?.squeeze(0)?), None)
+        };
+
+        let (nll, kl, nll_logprobs, grads) = match slot_logits {
+            None => (0.0, 0.0, Vec::new(), None),
+            Some(logits) => {
+                let logp = log_softmax_last_dim(&logits)?;
+                let host = logp.detach().flatten_all()?.to_vec1::<f32>()?;
+                let (nll, kl, lps) = loss_plan.values(&host, vocab);
+                let c = Tensor::from_vec(
+                    loss_plan.coefficients(vocab),
+                    (loss_plan.slots.len(), vocab),
+                    &self.device,
+                )?;
+                let objective = (logp * c)?.sum_all()?.neg()?;
+                (nll, kl, lps, Some(objective.backward()?))
+            }
+        };
+        let loss = nll + kl;
+        if !loss.is_finite() {
+            return Err(numeric(format!(
+                "the loss is not finite (nll {nll}, kl {kl})"
+            )));
+        }
+
+        let grad_of = |t: &Tensor| -> Result<Tensor> {
+            match grads.as_ref().and_then(|g| g.get(t)) {
+                Some(g) => Ok(g.clone()),
+                None => Ok(t.zeros_like()?),
+            }
+        };
+        let param_grads = vars
+            .iter()
+            .map(|v| to_abi(&grad_of(v.as_tensor())?))
+            .collect::<Result<Vec<_>>>()?;
+
+        // Logits for the caller, outside the graph.
+        let logits = match fwd.logits {
+            LogitsWanted::None => None,
+            LogitsWanted::All => all_logits.map(|l| l.detach()),
+            LogitsWanted::Last => match &all_logits {
+                Some(all) => {
+                    let rows: Vec<u32> = layout
+                        .last_positions()
+                        .iter()
+                        .enumerate()
+                        .map(|(r, &p)| (r * s + p) as u32)
+                        .collect();
+                    let rows = Tensor::new(rows.as_slice(), &self.device)?;
+                    Some(
+                        all.detach()
+                            .reshape((b * s, vocab))?
+                            .index_select(&rows, 0)?,
+                    )
+                }
+                None => {
+                    let mut plain = Pass::new(
+                        Path::Inference,
+                        &self.weights,
+                        &self.modules,
+                        layout.clone(),
+                        None,
+                        &self.device,
+                    )?;
+                    self.logits(&mut plain, &hn.detach(), LogitsWanted::Last)?
+                }
+            },
+        };
+
+        let outputs = pass.finish();
+        let site_grads = taps
+            .iter()
+            .map(|site| {
+                let tap = outputs.taps.get(site).ok_or_else(|| {
+                    crate::error::internal(format!("site '{site}' was never reached"))
+                })?;
+                Ok(SiteGrad {
+                    input: to_abi(&tap.input)?,
+                    output_grad: to_abi(&grad_of(tap.output_leaf.as_tensor())?)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let captures = parsed
+            .captures
+            .iter()
+            .map(|site| {
+                let t = outputs.captured.get(site).ok_or_else(|| {
+                    crate::error::internal(format!("site '{site}' was never reached"))
+                })?;
+                to_abi(t)
+            })
+            .collect::<Result<Vec<_>>>()?;
+
+        Ok(GradOutput {
+            loss: loss as f32,
+            nll: nll as f32,
+            kl: kl as f32,
+            nll_logprobs: nll_logprobs.into(),
+            param_grads: param_grads.into(),
+            site_grads: site_grads.into(),
+            forward: ForwardOutput {
+                logits: logits.map(|l| to_abi(&l)).transpose()?.into(),
+                captures: captures.into(),
+            },
+        })
+    }
+}

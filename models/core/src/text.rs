@@ -1,0 +1,245 @@
+//! Text in and out of a model: the tokenizer (optional: a checkpoint without one still works
+//! with token ids), its special tokens and the chat template.
+
+use std::path::{Path, PathBuf};
+
+use kedit_plugin_api::ChatMessage;
+use serde_json::{json, Value};
+use tokenizers::Tokenizer;
+
+use crate::chat::ChatFormat;
+use crate::checkpoint::JsonFile;
+use crate::error::{invalid, io, not_found, Result};
+use crate::fsutil::write_atomic;
+use crate::gguf::GgufFile;
+
+/// HF tokenizer files copied verbatim on export when the model came from an HF directory.
+const HF_TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+    "chat_template.jinja",
+];
+
+pub struct TextCodec {
+    tokenizer: Option<Tokenizer>,
+    pub bos: Option<u32>,
+    pub eos: Vec<u32>,
+    pub pad: Option<u32>,
+    pub unk: Option<u32>,
+    /// Whether `tokenize(.., add_special = true)` starts with BOS.
+    pub add_bos: bool,
+    pub chat_template: Option<String>,
+    /// Where the tokenizer files came from (an HF directory), for export.
+    hf_dir: Option<PathBuf>,
+}
+
+fn token_name(v: &Value) -> Option<&str> {
+    match v {
+        Value::String(s) => Some(s),
+        Value::Object(o) => o.get("content").and_then(Value::as_str),
+        _ => None,
+    }
+}
+
+impl TextCodec {
+    /// A codec without a tokenizer: only ids, with the special ids the config names.
+    pub fn ids_only(bos: Option<u32>, eos: Vec<u32>, pad: Option<u32>) -> Self {
+        Self {
+            tokenizer: None,
+            bos,
+            eos,
+            pad,
+            unk: None,
+            add_bos: false,
+            chat_template: None,
+            hf_dir: None,
+        }
+    }
+
+    /// Reads `tokenizer.json` (optional), `tokenizer_config.json`, `generation_config.json`
+    /// and `chat_template.jinja` of an HF directory; `config` supplies the special ids.
+    pub fn from_hf_dir(dir: &Path, config: &JsonFile) -> Result<Self> {
+        let tokenizer_path = dir.join("tokenizer.json");
+        let tokenizer = if tokenizer_path.is_file() {
+            Some(Tokenizer::from_file(&tokenizer_path).map_err(|e| {
+                invalid(format!(
+                    "{}: cannot load tokenizer: {e}",
+                    tokenizer_path.display()
+                ))
+            })?)
+        } else {
+            None
+        };
+        let tok_config = JsonFile::read_optional(&dir.join("tokenizer_config.json"))?;
+        let gen_config = JsonFile::read_optional(&dir.join("generation_config.json"))?;
+        let id_of = |key: &str| -> Option<u32> {
+            let name = tok_config.as_ref()?.get(key).and_then(token_name)?;
+            tokenizer.as_ref()?.token_to_id(name)
+        };
+
+        let first_id = |key: &str| -> Result<Option<u32>> {
+            let mut ids = config.ids_opt(key)?;
+            if ids.is_empty() {
+                if let Some(g) = &gen_config {
+                    ids = g.ids_opt(key)?;
+                }
+            }
+            Ok(ids.first().copied())
+        };
+        let bos = first_id("bos_token_id")?.or_else(|| id_of("bos_token"));
+        let pad = first_id("pad_token_id")?.or_else(|| id_of("pad_token"));
+        let unk = id_of("unk_token");
+        let mut eos = config.ids_opt("eos_token_id")?;
+        if let Some(g) = &gen_config {
+            eos.extend(g.ids_opt("eos_token_id")?);
+        }
+        eos.extend(id_of("eos_token"));
+        dedup(&mut eos);
+
+        let add_bos = match &tok_config {
+            Some(t) => t.bool_opt("add_bos_token")?.unwrap_or(false),
+            None => false,
+        };
+        let mut chat_template = match tok_config.as_ref().and_then(|t| t.get("chat_template")) {
+            Some(Value::String(s)) => Some(s.clone()),
+            // A list of named templates: the default one.
+            Some(Value::Array(items)) => items
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            _ => None,
+        };
+        let jinja = dir.join("chat_template.jinja");
+        if chat_template.is_none() && jinja.is_file() {
+            chat_template = Some(
+                std::fs::read_to_string(&jinja)
+                    .map_err(|e| io(format!("{}: cannot read: {e}", jinja.display())))?,
+            );
+        }
+        Ok(Self {
+            tokenizer,
+            bos,
+            eos,
+            pad,
+            unk,
+            add_bos,
+            chat_template,
+            hf_dir: Some(dir.to_path_buf()),
+        })
+    }
+
+    /// The tokenizer of a GGUF file, built from its `tokenizer.ggml.*` fields.
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
+        let info = crate::gguf_tokenizer::tokenizer_from_gguf(gguf)?;
+        let mut eos: Vec<u32> = info.eos.into_iter().collect();
+        dedup(&mut eos);
+        Ok(Self {
+            tokenizer: Some(info.tokenizer),
+            bos: info.bos,
+            eos,
+            pad: info.pad,
+            unk: info.unk,
+            add_bos: info.add_bos,
+            chat_template: info.chat_template,
+            hf_dir: None,
+        })
+    }
+
+    pub fn has_tokenizer(&self) -> bool {
+        self.tokenizer.is_some()
+    }
+
+    fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            not_found("this checkpoint has no tokenizer (tokenizer.json); pass token ids instead")
+        })
+    }
+
+    pub fn tokenize(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer()?
+            .encode(text, add_special)
+            .map_err(|e| invalid(format!("cannot tokenize {text:?}: {e}")))?;
+        let mut ids = encoding.get_ids().to_vec();
+        // A tokenizer whose post-processor does not add the BOS its config asks for.
+        if let (true, true, Some(bos)) = (add_special, self.add_bos, self.bos) {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
+    }
+
+    pub fn detokenize(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.tokenizer()?
+            .decode(ids, skip_special)
+            .map_err(|e| invalid(format!("cannot decode {} ids: {e}", ids.len())))
+    }
+
+    pub fn apply_chat_template(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self
+            .chat_template
+            .as_deref()
+            .ok_or_else(|| not_found("this model has no chat template"))?;
+        Ok(ChatFormat::recognise(template)?.render(messages, add_generation_prompt))
+    }
+
+    /// Writes the tokenizer files of an HF checkpoint into `dir`: the source's own files when
+    /// it was an HF directory, otherwise `tokenizer.json` and a `tokenizer_config.json`.
+    pub fn export(&self, dir: &Path) -> Result<()> {
+        if let Some(src) = &self.hf_dir {
+            for name in HF_TOKENIZER_FILES {
+                let from = src.join(name);
+                if from.is_file() {
+                    let bytes = std::fs::read(&from)
+                        .map_err(|e| io(format!("{}: cannot read: {e}", from.display())))?;
+                    write_atomic(&dir.join(name), &bytes)?;
+                }
+            }
+            return Ok(());
+        }
+        let Some(tokenizer) = &self.tokenizer else {
+            return Ok(());
+        };
+        let json = tokenizer
+            .to_string(false)
+            .map_err(|e| invalid(format!("cannot serialise the tokenizer: {e}")))?;
+        write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
+        let name = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
+        let mut config = json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": self.add_bos,
+            "add_eos_token": false,
+            "clean_up_tokenization_spaces": false,
+        });
+        let fields = [
+            ("bos_token", name(self.bos)),
+            ("eos_token", name(self.eos.first().copied())),
+            ("pad_token", name(self.pad)),
+            ("unk_token", name(self.unk)),
+        ];
+        for (key, value) in fields {
+            if let Some(v) = value {
+                config[key] = Value::String(v);
+            }
+        }
+        if let Some(t) = &self.chat_template {
+            config["chat_template"] = Value::String(t.clone());
+        }
+        let text = serde_json::to_string_pretty(&config).expect("JSON values serialise");
+        write_atomic(&dir.join("tokenizer_config.json"), text.as_bytes())
+    }
+}
+
+fn dedup(ids: &mut Vec<u32>) {
+    let mut seen = std::collections::HashSet::new();
+    ids.retain(|id| seen.insert(*id));
+}
