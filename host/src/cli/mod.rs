@@ -1,6 +1,7 @@
 //! The `kedit` command line: one file per command, shared setup in [`context`].
 
 mod context;
+mod demo;
 mod edit;
 mod export;
 mod fetch;
@@ -80,6 +81,8 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Download a known model into the cache.
     Fetch(fetch::FetchArgs),
+    /// Edit the real SmolLM2 (fetched if missing): the Eiffel Tower moves, an unrelated prompt stays.
+    Demo(demo::DemoArgs),
 }
 
 /// Runs the parsed command line; the exit code reports partial failures.
@@ -92,5 +95,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Edit(args) => edit::run(&context, args),
         Command::Export(args) => export::run(&context, args),
         Command::Fetch(args) => fetch::run(args),
+        Command::Demo(args) => demo::run(&context, args),
     }
 }
