@@ -37,6 +37,7 @@ pub mod plugin;
 pub mod request;
 pub mod site;
 pub mod tensor;
+pub mod testing;
 
 pub use editor::{
     EditReport, EditorAbi, EditorAbi_TO, EditorBox, FamilyDefaults, MethodInfo, Progress,

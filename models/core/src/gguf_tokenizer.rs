@@ -817,13 +817,11 @@ mod tests {
 
     fn check_real(
         env: &str,
+        model: &str,
         fixture: &str,
         expect: (Option<u32>, Option<u32>, Option<u32>, Option<u32>),
     ) {
-        let Some(path) = std::env::var_os(env) else {
-            eprintln!("skipped: {env} is not set (point it at the GGUF file to run this test)");
-            return;
-        };
+        let path = kedit_plugin_api::testing::real_model(env, model);
         let t0 = std::time::Instant::now();
         let g = GgufFile::open(&path).unwrap();
         let info = tokenizer_from_gguf(&g).unwrap();
@@ -889,6 +887,7 @@ mod tests {
     fn real_smollm2_tokenizer_matches_fixture() {
         check_real(
             "KEDIT_SMOLLM2_GGUF",
+            "smollm2-135m-instruct",
             "smollm2",
             (Some(1), Some(2), Some(2), Some(0)),
         );
@@ -899,6 +898,7 @@ mod tests {
     fn real_qwen25_tokenizer_matches_fixture() {
         check_real(
             "KEDIT_QWEN25_GGUF",
+            "qwen2.5-coder-0.5b-instruct",
             "qwen2.5-coder-0.5b",
             (Some(151643), Some(151645), Some(151643), None),
         );

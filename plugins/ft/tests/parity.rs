@@ -16,24 +16,6 @@ fn shared() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared"))
 }
 
-/// The real model, as `kedit fetch smollm2-135m-instruct` leaves it. Missing is a failure, not a
-/// skip: the README's test command fetches it first.
-fn smollm2_gguf() -> PathBuf {
-    if let Ok(p) = std::env::var("KEDIT_SMOLLM2_GGUF") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var("KEDIT_HOME").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(std::env::var("HOME").expect("HOME is set")).join(".cache/kedit")
-    });
-    let p = home.join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        p.exists(),
-        "the real SmolLM2 model is missing at {} — run `target/release/kedit fetch smollm2-135m-instruct` (the README's test command does)",
-        p.display()
-    );
-    p
-}
-
 /// Opens a checkpoint through the built LLaMA plugin, exactly as the host would.
 fn open_llama(path: &std::path::Path) -> kedit_plugin_api::ModelBox {
     let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
@@ -136,7 +118,7 @@ fn ft_l_matches_easyedit_step_by_step_on_smollm2() {
     let bytes = std::fs::read(dir.join("ft.safetensors")).unwrap();
     let want = tensors(&bytes);
 
-    let mut model = open_llama(&smollm2_gguf());
+    let mut model = open_llama(&kedit_plugin_api::testing::real_model("KEDIT_SMOLLM2_GGUF", "smollm2-135m-instruct"));
     let mut client = ModelClient::new(model.sabi_reborrow_mut());
 
     let req = &meta["request"];
