@@ -78,7 +78,11 @@ pub trait EditorAbi: Send {
     fn save_state(&self) -> RResult<RVec<u8>, PluginError>;
 
     /// Restores a saved state onto a freshly loaded model (reinstalling modules or weights).
-    fn load_state(&mut self, model: ModelMut<'_>, state: RSlice<'_, u8>) -> RResult<(), PluginError>;
+    fn load_state(
+        &mut self,
+        model: ModelMut<'_>,
+        state: RSlice<'_, u8>,
+    ) -> RResult<(), PluginError>;
 
     #[sabi(last_prefix_field)]
     fn extension(&mut self, name: RStr<'_>, payload: RStr<'_>) -> RResult<RString, PluginError>;

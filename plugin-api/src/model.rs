@@ -122,7 +122,13 @@ impl Intervention {
         }
     }
 
-    pub fn fixed(site: &str, row: usize, position: usize, mode: InterventionMode, v: Tensor) -> Self {
+    pub fn fixed(
+        site: &str,
+        row: usize,
+        position: usize,
+        mode: InterventionMode,
+        v: Tensor,
+    ) -> Self {
         Self {
             site: site.into(),
             row: row as u32,
@@ -344,7 +350,8 @@ pub trait ModelAbi: Send + Sync {
 
     fn tokenize(&self, text: RStr<'_>, add_special: bool) -> RResult<RVec<u32>, PluginError>;
 
-    fn detokenize(&self, ids: RSlice<'_, u32>, skip_special: bool) -> RResult<RString, PluginError>;
+    fn detokenize(&self, ids: RSlice<'_, u32>, skip_special: bool)
+        -> RResult<RString, PluginError>;
 
     /// Renders messages with the model's chat template.
     fn apply_chat_template(
@@ -380,8 +387,11 @@ pub trait ModelAbi: Send + Sync {
     fn journal_commit(&mut self, mark: u64) -> RResult<(), PluginError>;
 
     /// Installs a module at a weight site; returns its id. Journaled.
-    fn install_module(&mut self, site: RStr<'_>, module: SiteModuleBox)
-        -> RResult<u64, PluginError>;
+    fn install_module(
+        &mut self,
+        site: RStr<'_>,
+        module: SiteModuleBox,
+    ) -> RResult<u64, PluginError>;
 
     /// Removes an installed module. Journaled.
     fn remove_module(&mut self, id: u64) -> RResult<(), PluginError>;

@@ -57,14 +57,26 @@ impl<M: Model> ModelAbi for GuardedModel<M> {
     }
     fn capabilities(&self) -> RVec<RString> {
         guard_or(RVec::new(), || {
-            self.0.capabilities().into_iter().map(RString::from).collect()
+            self.0
+                .capabilities()
+                .into_iter()
+                .map(RString::from)
+                .collect()
         })
     }
     fn tokenize(&self, text: RStr<'_>, add_special: bool) -> RResult<RVec<u32>, PluginError> {
         guard(|| self.0.tokenize(text.as_str(), add_special).map(RVec::from))
     }
-    fn detokenize(&self, ids: RSlice<'_, u32>, skip_special: bool) -> RResult<RString, PluginError> {
-        guard(|| self.0.detokenize(ids.as_slice(), skip_special).map(RString::from))
+    fn detokenize(
+        &self,
+        ids: RSlice<'_, u32>,
+        skip_special: bool,
+    ) -> RResult<RString, PluginError> {
+        guard(|| {
+            self.0
+                .detokenize(ids.as_slice(), skip_special)
+                .map(RString::from)
+        })
     }
     fn apply_chat_template(
         &self,
@@ -173,11 +185,17 @@ pub trait Editor: Send + 'static {
         Ok(Vec::new())
     }
 
-    fn load_state(&mut self, _model: &mut ModelClient<'_>, state: &[u8]) -> Result<(), PluginError> {
+    fn load_state(
+        &mut self,
+        _model: &mut ModelClient<'_>,
+        state: &[u8],
+    ) -> Result<(), PluginError> {
         if state.is_empty() {
             Ok(())
         } else {
-            Err(PluginError::unsupported("this editor keeps no state to load"))
+            Err(PluginError::unsupported(
+                "this editor keeps no state to load",
+            ))
         }
     }
 
@@ -234,7 +252,11 @@ impl<E: Editor> EditorAbi for GuardedEditor<E> {
     fn save_state(&self) -> RResult<RVec<u8>, PluginError> {
         guard(|| self.0.save_state().map(RVec::from))
     }
-    fn load_state(&mut self, model: ModelMut<'_>, state: RSlice<'_, u8>) -> RResult<(), PluginError> {
+    fn load_state(
+        &mut self,
+        model: ModelMut<'_>,
+        state: RSlice<'_, u8>,
+    ) -> RResult<(), PluginError> {
         guard(|| {
             let mut client = ModelClient::new(model);
             self.0.load_state(&mut client, state.as_slice())
@@ -329,7 +351,11 @@ impl<'a> ModelClient<'a> {
     pub fn journal_commit(&mut self, mark: u64) -> Result<(), PluginError> {
         self.inner.journal_commit(mark).into_result()
     }
-    pub fn install_module(&mut self, site: &str, module: SiteModuleBox) -> Result<u64, PluginError> {
+    pub fn install_module(
+        &mut self,
+        site: &str,
+        module: SiteModuleBox,
+    ) -> Result<u64, PluginError> {
         self.inner.install_module(site.into(), module).into_result()
     }
     pub fn remove_module(&mut self, id: u64) -> Result<(), PluginError> {
@@ -359,7 +385,10 @@ impl<'a> ModelClient<'a> {
 
     /// Greedy continuation of one prompt, returning only the new tokens.
     pub fn greedy(&self, prompt: &[u32], max_new_tokens: usize) -> Result<Vec<u32>, PluginError> {
-        let out = self.generate(&GenerateRequest::greedy(vec![prompt.to_vec()], max_new_tokens))?;
+        let out = self.generate(&GenerateRequest::greedy(
+            vec![prompt.to_vec()],
+            max_new_tokens,
+        ))?;
         Ok(out.into_iter().next().unwrap_or_default())
     }
 }

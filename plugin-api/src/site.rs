@@ -62,7 +62,8 @@ impl fmt::Display for ActSite {
     }
 }
 
-const ACT_HELP: &str = "embed, final_norm, layer.N.{resid_pre, resid_post, attn_out, mlp_key, mlp_out}";
+const ACT_HELP: &str =
+    "embed, final_norm, layer.N.{resid_pre, resid_post, attn_out, mlp_key, mlp_out}";
 const WEIGHT_HELP: &str =
     "embed.weight, lm_head, layer.N.mlp.{down, up, gate}, layer.N.attn.{q, k, v, o}";
 

@@ -63,7 +63,12 @@ pub fn run(context: &Context, args: DemoArgs) -> Result<ExitCode> {
     let moved = after_prompt.trim_start().starts_with(args.target.trim());
     let kept = after_unrelated == before_unrelated;
     println!();
-    println!("{} on {} ({})", args.method, model.facts().family, model.source().display());
+    println!(
+        "{} on {} ({})",
+        args.method,
+        model.facts().family,
+        model.source().display()
+    );
     println!("  {PROMPT}");
     println!("    before: {before_prompt:?}");
     println!("    after:  {after_prompt:?}");

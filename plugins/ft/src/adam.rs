@@ -54,6 +54,9 @@ mod tests {
         let mut opt = super::Adam::new(3, 0.1, 0.0);
         let mut p = vec![0.0f32, 1.0, 2.0];
         opt.step(&mut p, &[2.0, -0.5, 0.0]);
-        assert!((p[0] + 0.1).abs() < 1e-6 && (p[1] - 1.1).abs() < 1e-6 && p[2] == 2.0, "{p:?}");
+        assert!(
+            (p[0] + 0.1).abs() < 1e-6 && (p[1] - 1.1).abs() < 1e-6 && p[2] == 2.0,
+            "{p:?}"
+        );
     }
 }

@@ -272,8 +272,11 @@ pub fn run(
                     delta_w_fro_norm_after_step: dsq.sqrt(),
                 });
                 let done = (step * chunks.len() + c + 1) as u64;
-                if !progress.report(done, total, format!("step {step} loss {loss:.4}").as_str().into())
-                {
+                if !progress.report(
+                    done,
+                    total,
+                    format!("step {step} loss {loss:.4}").as_str().into(),
+                ) {
                     return Err(PluginError::cancelled());
                 }
             }
@@ -318,17 +321,26 @@ mod tests {
     #[test]
     fn prompt_last_scores_every_target_token_at_the_last_prompt_position() {
         let chunk = [
-            Encoded { prompt: vec![5, 6, 7], target: vec![8, 9] },
-            Encoded { prompt: vec![1], target: vec![2] },
+            Encoded {
+                prompt: vec![5, 6, 7],
+                target: vec![8, 9],
+            },
+            Encoded {
+                prompt: vec![1],
+                target: vec![2],
+            },
         ];
         let (batch, terms) = objective(&chunk, Objective::PromptLast);
         assert_eq!(batch.padded_len(), 3);
-        let got: Vec<(u32, u32, u32, f32)> =
-            terms.iter().map(|t| (t.row, t.position, t.token, t.weight)).collect();
+        let got: Vec<(u32, u32, u32, f32)> = terms
+            .iter()
+            .map(|t| (t.row, t.position, t.token, t.weight))
+            .collect();
         assert_eq!(got, vec![(0, 2, 8, 0.25), (0, 2, 9, 0.25), (1, 2, 2, 0.5)]);
         let (batch, terms) = objective(&chunk, Objective::TargetNew);
         assert_eq!(batch.rows[0].as_slice(), &[5, 6, 7, 8]);
-        let got: Vec<(u32, u32, u32)> = terms.iter().map(|t| (t.row, t.position, t.token)).collect();
+        let got: Vec<(u32, u32, u32)> =
+            terms.iter().map(|t| (t.row, t.position, t.token)).collect();
         assert_eq!(got, vec![(0, 2, 8), (0, 3, 9), (1, 3, 2)]);
     }
 }

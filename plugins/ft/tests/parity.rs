@@ -40,7 +40,12 @@ fn open_llama(path: &std::path::Path) -> kedit_plugin_api::ModelBox {
 
 struct Quiet;
 impl Progress for Quiet {
-    fn report(&mut self, _: u64, _: u64, _: kedit_plugin_api::abi_stable::std_types::RStr<'_>) -> bool {
+    fn report(
+        &mut self,
+        _: u64,
+        _: u64,
+        _: kedit_plugin_api::abi_stable::std_types::RStr<'_>,
+    ) -> bool {
         true
     }
 }
@@ -89,7 +94,10 @@ fn assert_rel(what: &str, got: &[f64], want: &[f64], rel: f64) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         let tol = rel * w.abs().max(1e-6);
-        assert!((g - w).abs() <= tol, "{what}[{i}]: got {g}, want {w} (rel tol {rel})");
+        assert!(
+            (g - w).abs() <= tol,
+            "{what}[{i}]: got {g}, want {w} (rel tol {rel})"
+        );
     }
 }
 
@@ -107,18 +115,25 @@ fn last_logits(model: &ModelClient<'_>, ids: &[u32]) -> Vec<f32> {
 fn assert_top20(what: &str, logits: &[f32], ids: &[f64], want: &[f64]) {
     for (id, w) in ids.iter().zip(want) {
         let g = logits[*id as usize] as f64;
-        assert!((g - w).abs() < 1e-3, "{what}: logit of id {id}: got {g}, want {w}");
+        assert!(
+            (g - w).abs() < 1e-3,
+            "{what}: logit of id {id}: got {g}, want {w}"
+        );
     }
 }
 
 #[test]
 fn ft_l_matches_easyedit_step_by_step_on_smollm2() {
     let dir = shared().join("fixtures/methods");
-    let meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("ft.json")).unwrap()).unwrap();
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("ft.json")).unwrap()).unwrap();
     let bytes = std::fs::read(dir.join("ft.safetensors")).unwrap();
     let want = tensors(&bytes);
 
-    let mut model = open_llama(&kedit_plugin_api::testing::real_model("KEDIT_SMOLLM2_GGUF", "smollm2-135m-instruct"));
+    let mut model = open_llama(&kedit_plugin_api::testing::real_model(
+        "KEDIT_SMOLLM2_GGUF",
+        "smollm2-135m-instruct",
+    ));
     let mut client = ModelClient::new(model.sabi_reborrow_mut());
 
     let req = &meta["request"];
@@ -129,16 +144,37 @@ fn ft_l_matches_easyedit_step_by_step_on_smollm2() {
     );
     let mut hp_json = meta["hparams"].clone();
     let hp_obj = hp_json.as_object_mut().unwrap();
-    let keep = ["layers", "num_steps", "lr", "weight_decay", "norm_constraint", "objective_optimization", "batch_size"];
+    let keep = [
+        "layers",
+        "num_steps",
+        "lr",
+        "weight_decay",
+        "norm_constraint",
+        "objective_optimization",
+        "batch_size",
+    ];
     hp_obj.retain(|k, _| keep.contains(&k.as_str()));
     let hp = FtHparams::from_json(&hp_json.to_string()).unwrap();
 
     let prompt_ids: Vec<u32> = want["prompt.input_ids"].iter().map(|&v| v as u32).collect();
-    let locality_ids: Vec<u32> = want["locality.input_ids"].iter().map(|&v| v as u32).collect();
+    let locality_ids: Vec<u32> = want["locality.input_ids"]
+        .iter()
+        .map(|&v| v as u32)
+        .collect();
     let pre_prompt = last_logits(&client, &prompt_ids);
     let pre_loc = last_logits(&client, &locality_ids);
-    assert_top20("prompt pre", &pre_prompt, &want["prompt.pre.top20_ids"], &want["prompt.pre.top20_logits"]);
-    assert_top20("locality pre", &pre_loc, &want["locality.pre.top20_ids"], &want["locality.pre.top20_logits"]);
+    assert_top20(
+        "prompt pre",
+        &pre_prompt,
+        &want["prompt.pre.top20_ids"],
+        &want["prompt.pre.top20_logits"],
+    );
+    assert_top20(
+        "locality pre",
+        &pre_loc,
+        &want["locality.pre.top20_ids"],
+        &want["locality.pre.top20_logits"],
+    );
 
     let mut quiet = Quiet;
     let mut progress = Progress_TO::from_ptr(&mut quiet, TD_Opaque);
@@ -155,9 +191,22 @@ fn ft_l_matches_easyedit_step_by_step_on_smollm2() {
     assert_eq!(trace.steps.len(), steps.len(), "number of steps");
     for (got, s) in trace.steps.iter().zip(steps) {
         let loss = s["loss"].as_f64().unwrap();
-        assert!((got.loss - loss).abs() < 1e-4, "step {}: loss {} vs {loss}", got.step, got.loss);
-        assert_eq!(got.optimizer_step_taken, s["optimizer_step_taken"].as_bool().unwrap());
-        assert_rel("grad_fro_norm", &[got.grad_fro_norm], &[s["grad_fro_norm"].as_f64().unwrap()], 1e-3);
+        assert!(
+            (got.loss - loss).abs() < 1e-4,
+            "step {}: loss {} vs {loss}",
+            got.step,
+            got.loss
+        );
+        assert_eq!(
+            got.optimizer_step_taken,
+            s["optimizer_step_taken"].as_bool().unwrap()
+        );
+        assert_rel(
+            "grad_fro_norm",
+            &[got.grad_fro_norm],
+            &[s["grad_fro_norm"].as_f64().unwrap()],
+            1e-3,
+        );
         assert_rel(
             "delta_W_fro_norm_after_step",
             &[got.delta_w_fro_norm_after_step],
@@ -168,27 +217,55 @@ fn ft_l_matches_easyedit_step_by_step_on_smollm2() {
 
     // First gradient: row/column norms and the top-left block.
     let (gr, gc) = norms(&trace.first_grads[0]);
-    assert_rel("grad_step0.row_norms", &gr, &want["grad_step0.row_norms"], 1e-3);
-    assert_rel("grad_step0.col_norms", &gc, &want["grad_step0.col_norms"], 1e-3);
+    assert_rel(
+        "grad_step0.row_norms",
+        &gr,
+        &want["grad_step0.row_norms"],
+        1e-3,
+    );
+    assert_rel(
+        "grad_step0.col_norms",
+        &gc,
+        &want["grad_step0.col_norms"],
+        1e-3,
+    );
     let g = &trace.first_grads[0];
     let cols = g.dims()[1];
     for i in 0..16 {
         for j in 0..16 {
             let got = g.as_slice()[i * cols + j] as f64;
             let w = want["grad_step0.top_left_16x16"][i * 16 + j];
-            assert!((got - w).abs() < 1e-5 + 1e-3 * w.abs(), "grad[{i},{j}]: {got} vs {w}");
+            assert!(
+                (got - w).abs() < 1e-5 + 1e-3 * w.abs(),
+                "grad[{i},{j}]: {got} vs {w}"
+            );
         }
     }
 
     // Final ΔW: norm (rel 1e-4), row norms (rel 1e-3).
     let delta = &trace.deltas[0];
-    assert_rel("delta_W_fro_norm", &[delta.norm()], &[meta["delta_W_fro_norm"].as_f64().unwrap()], 1e-4);
+    assert_rel(
+        "delta_W_fro_norm",
+        &[delta.norm()],
+        &[meta["delta_W_fro_norm"].as_f64().unwrap()],
+        1e-4,
+    );
     let (dr, _) = norms(delta);
     assert_rel("delta_W.row_norms", &dr, &want["delta_W.row_norms"], 1e-3);
 
     // Post-edit logits of the prompt and the locality prompt.
     let post_prompt = last_logits(&client, &prompt_ids);
     let post_loc = last_logits(&client, &locality_ids);
-    assert_top20("prompt post", &post_prompt, &want["prompt.post.top20_ids"], &want["prompt.post.top20_logits"]);
-    assert_top20("locality post", &post_loc, &want["locality.post.top20_ids"], &want["locality.post.top20_logits"]);
+    assert_top20(
+        "prompt post",
+        &post_prompt,
+        &want["prompt.post.top20_ids"],
+        &want["prompt.post.top20_logits"],
+    );
+    assert_top20(
+        "locality post",
+        &post_loc,
+        &want["locality.post.top20_ids"],
+        &want["locality.post.top20_logits"],
+    );
 }

@@ -70,6 +70,15 @@ impl RowLayout {
             .collect()
     }
 
+    /// Flat index `row·seq + position` of the last real token of each row.
+    pub fn last_slots(&self) -> Vec<u32> {
+        self.last_positions()
+            .iter()
+            .enumerate()
+            .map(|(r, &p)| (r * self.seq + p) as u32)
+            .collect()
+    }
+
     /// Token ids `[batch, seq]` with `pad` in the padded slots.
     pub fn ids(&self, batch: &Batch, pad: u32, device: &Device) -> Result<Tensor> {
         let mut ids = vec![pad; self.batch * self.seq];

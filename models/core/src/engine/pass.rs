@@ -16,7 +16,8 @@ use super::kv_cache::KvCache;
 use super::layout::RowLayout;
 use super::ops::{self, Path};
 use super::rope::{Rope, RopeTables};
-use crate::error::Result;
+use crate::device::to_abi;
+use crate::error::{internal, Result};
 use crate::modules::ModuleSet;
 use crate::weights::WeightStore;
 
@@ -31,6 +32,28 @@ pub struct Tap {
 pub struct PassOutputs {
     pub captured: HashMap<ActSite, Tensor>,
     pub taps: HashMap<WeightSite, Tap>,
+}
+
+impl PassOutputs {
+    /// The captures of `sites`, in that order, as ABI tensors.
+    pub fn captures(&self, sites: &[ActSite]) -> Result<Vec<kedit_plugin_api::Tensor>> {
+        sites
+            .iter()
+            .map(|site| {
+                let t = self
+                    .captured
+                    .get(site)
+                    .ok_or_else(|| internal(format!("site '{site}' was never reached")))?;
+                to_abi(t)
+            })
+            .collect()
+    }
+
+    pub fn tap(&self, site: &WeightSite) -> Result<&Tap> {
+        self.taps
+            .get(site)
+            .ok_or_else(|| internal(format!("site '{site}' was never reached")))
+    }
 }
 
 pub struct Pass<'a> {

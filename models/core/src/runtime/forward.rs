@@ -9,7 +9,7 @@ use crate::device::{from_abi, to_abi};
 use crate::engine::edits::{embedding_noise, InterventionPlan};
 use crate::engine::layout::RowLayout;
 use crate::engine::{Pass, Path};
-use crate::error::{internal, Result};
+use crate::error::Result;
 
 /// A forward request checked against the model.
 pub(super) struct ParsedForward {
@@ -66,13 +66,7 @@ impl<A: Architecture> Runtime<A> {
             LogitsWanted::All => Ok(Some(self.arch.lm_head(pass, hn)?)),
             LogitsWanted::Last => {
                 let (b, s, d) = hn.dims3()?;
-                let rows: Vec<u32> = layout
-                    .last_positions()
-                    .iter()
-                    .enumerate()
-                    .map(|(r, &p)| (r * s + p) as u32)
-                    .collect();
-                let rows = Tensor::new(rows.as_slice(), hn.device())?;
+                let rows = Tensor::new(layout.last_slots().as_slice(), hn.device())?;
                 if self.modules.has_site(WeightSite::LmHead) {
                     let all = self.arch.lm_head(pass, hn)?;
                     let v = all.dim(2)?;
@@ -138,18 +132,7 @@ impl<A: Architecture> Runtime<A> {
         } else {
             None
         };
-        let outputs = pass.finish();
-        let captures = parsed
-            .captures
-            .iter()
-            .map(|site| {
-                let t = outputs
-                    .captured
-                    .get(site)
-                    .ok_or_else(|| internal(format!("site '{site}' was never reached")))?;
-                to_abi(t)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let captures = pass.finish().captures(&parsed.captures)?;
         Ok(ForwardOutput {
             logits: logits.map(|l| to_abi(&l)).transpose()?.into(),
             captures: captures.into(),

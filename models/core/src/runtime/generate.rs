@@ -2,7 +2,7 @@
 //! strings. Rows are generated one after another, each with its own cache.
 
 use candle_core::Tensor;
-use kedit_plugin_api::{ActSite, GenerateRequest, SamplingKind};
+use kedit_plugin_api::{ActSite, GenerateRequest, SamplingKind, WeightSite};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -127,13 +127,19 @@ impl<A: Architecture> Runtime<A> {
         let start = Start::Embeddings { ids, noise: None };
         let h = self.run_blocks(&mut pass, start, n_layers)?;
         let s = h.dim(1)?;
-        // The final norm is per position: only the last one matters.
-        let last = h.narrow(1, s - 1, 1)?;
-        let hn = self.arch.final_norm(&mut pass, &last)?;
+        // The final norm and the head are per position: only the last one matters, unless a
+        // module on the head must see every position of the call (as its context says).
+        let h = if self.modules.has_site(WeightSite::LmHead) {
+            h
+        } else {
+            h.narrow(1, s - 1, 1)?
+        };
+        let hn = self.arch.final_norm(&mut pass, &h)?;
         let hn = pass.act(ActSite::FinalNorm, hn)?;
         let logits = self.arch.lm_head(&mut pass, &hn)?;
+        let last = logits.dim(1)? - 1;
         pass.finish();
-        Ok(logits.flatten_all()?.to_vec1::<f32>()?)
+        Ok(logits.narrow(1, last, 1)?.flatten_all()?.to_vec1::<f32>()?)
     }
 
     fn generate_row(&self, row: usize, prompt: &[u32], req: &GenerateRequest) -> Result<Vec<u32>> {

@@ -232,6 +232,39 @@ impl<A: Architecture> Runtime<A> {
         })
     }
 
+    /// The logits a gradient call returns, outside the graph: from the full head output when
+    /// the call computed one, else from a plain pass over the final-norm output.
+    fn caller_logits(
+        &self,
+        wanted: LogitsWanted,
+        layout: &RowLayout,
+        hn: &Tensor,
+        all_logits: Option<Tensor>,
+    ) -> Result<Option<Tensor>> {
+        match (wanted, all_logits) {
+            (LogitsWanted::None, _) => Ok(None),
+            (LogitsWanted::Last, Some(all)) => {
+                let (b, s, v) = all.dims3()?;
+                let rows = Tensor::new(layout.last_slots().as_slice(), &self.device)?;
+                Ok(Some(
+                    all.detach().reshape((b * s, v))?.index_select(&rows, 0)?,
+                ))
+            }
+            (LogitsWanted::All, Some(all)) => Ok(Some(all.detach())),
+            (_, None) => {
+                let mut plain = Pass::new(
+                    Path::Inference,
+                    &self.weights,
+                    &self.modules,
+                    layout.clone(),
+                    None,
+                    &self.device,
+                )?;
+                self.logits(&mut plain, &hn.detach(), wanted)
+            }
+        }
+    }
+
     pub(super) fn gradient_impl(&self, req: &GradRequest) -> Result<GradOutput> {
         let fwd = &req.forward;
         let dims = self.arch.dims();
@@ -348,62 +381,19 @@ impl<A: Architecture> Runtime<A> {
             .map(|v| to_abi(&grad_of(v.as_tensor())?))
             .collect::<Result<Vec<_>>>()?;
 
-        // Logits for the caller, outside the graph.
-        let logits = match fwd.logits {
-            LogitsWanted::None => None,
-            LogitsWanted::All => all_logits.map(|l| l.detach()),
-            LogitsWanted::Last => match &all_logits {
-                Some(all) => {
-                    let rows: Vec<u32> = layout
-                        .last_positions()
-                        .iter()
-                        .enumerate()
-                        .map(|(r, &p)| (r * s + p) as u32)
-                        .collect();
-                    let rows = Tensor::new(rows.as_slice(), &self.device)?;
-                    Some(
-                        all.detach()
-                            .reshape((b * s, vocab))?
-                            .index_select(&rows, 0)?,
-                    )
-                }
-                None => {
-                    let mut plain = Pass::new(
-                        Path::Inference,
-                        &self.weights,
-                        &self.modules,
-                        layout.clone(),
-                        None,
-                        &self.device,
-                    )?;
-                    self.logits(&mut plain, &hn.detach(), LogitsWanted::Last)?
-                }
-            },
-        };
-
+        let logits = self.caller_logits(fwd.logits, &layout, &hn, all_logits)?;
         let outputs = pass.finish();
         let site_grads = taps
             .iter()
             .map(|site| {
-                let tap = outputs.taps.get(site).ok_or_else(|| {
-                    crate::error::internal(format!("site '{site}' was never reached"))
-                })?;
+                let tap = outputs.tap(site)?;
                 Ok(SiteGrad {
                     input: to_abi(&tap.input)?,
                     output_grad: to_abi(&grad_of(tap.output_leaf.as_tensor())?)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let captures = parsed
-            .captures
-            .iter()
-            .map(|site| {
-                let t = outputs.captured.get(site).ok_or_else(|| {
-                    crate::error::internal(format!("site '{site}' was never reached"))
-                })?;
-                to_abi(t)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let captures = outputs.captures(&parsed.captures)?;
 
         Ok(GradOutput {
             loss: loss as f32,

@@ -1,8 +1,6 @@
 //! Which tensors a LLaMA checkpoint holds, under HF and GGUF names, and where each one goes:
 //! a canonical weight site, a bias, or a family-internal name (norm scales).
 
-use std::path::Path;
-
 use candle_core::{Device, Tensor};
 use kedit_plugin_api::WeightSite;
 
@@ -235,9 +233,4 @@ pub fn to_hf_tensors(cfg: &LlamaConfig, weights: &WeightStore) -> Result<Vec<(St
         out.push((spec.hf, t));
     }
     Ok(out)
-}
-
-/// Whether `dir` looks like an HF LLaMA checkpoint directory.
-pub fn is_hf_dir(dir: &Path) -> bool {
-    dir.join("config.json").is_file()
 }
