@@ -74,7 +74,7 @@ impl FtHparams {
         if hp.batch_size == 0 {
             return Err(PluginError::invalid("ft hparams: `batch_size` must be ≥ 1"));
         }
-        if !(hp.lr > 0.0) {
+        if hp.lr.is_nan() || hp.lr <= 0.0 {
             return Err(PluginError::invalid("ft hparams: `lr` must be positive"));
         }
         if !hp.rewrite_site.contains("{}") {

@@ -77,9 +77,9 @@ fn norms(t: &Tensor) -> (Vec<f64>, Vec<f64>) {
     let (rows, cols) = (d[0], d[1]);
     let mut r = vec![0f64; rows];
     let mut c = vec![0f64; cols];
-    for i in 0..rows {
-        for j in 0..cols {
-            let v = t.as_slice()[i * cols + j] as f64;
+    for (i, row) in t.as_slice().chunks_exact(cols).enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            let v = v as f64;
             r[i] += v * v;
             c[j] += v * v;
         }
