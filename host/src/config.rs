@@ -42,6 +42,8 @@ pub struct Config {
     pub device: Option<String>,
     pub model: Option<ModelConfig>,
     pub edit: Option<EditConfig>,
+    /// `kedit eval` settings.
+    pub eval: Option<EvalConfig>,
     /// Editor hyper-parameters, merged over the editor's defaults.
     pub hparams: Option<toml::Table>,
 }
@@ -72,6 +74,32 @@ pub struct EditConfig {
     pub batch: Option<bool>,
     #[serde(default)]
     pub requests: Vec<InlineRequest>,
+}
+
+/// `[eval]`: what `kedit eval` runs when its flags do not say (flags win).
+#[derive(Deserialize, Debug, Default, Clone, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    pub method: Option<String>,
+    /// A request file in an EasyEdit format.
+    pub data: Option<PathBuf>,
+    pub format: Option<DataFormat>,
+    pub protocol: Option<crate::eval::protocol::Protocol>,
+    /// Requests per edit call (batch protocol; sequential editing in batches).
+    pub batch_size: Option<usize>,
+    /// Sequential protocol: also evaluate each request right after its own edit.
+    pub eval_each: Option<bool>,
+    pub limit: Option<usize>,
+    pub offset: Option<usize>,
+    pub seed: Option<u64>,
+    /// Output directory.
+    pub out: Option<PathBuf>,
+    /// Compute the n-gram-entropy fluency (a sampled generation per request and model state).
+    pub fluency: Option<bool>,
+    /// Length in tokens (prompt included) of the fluency generations.
+    pub gen_length: Option<usize>,
+    /// Reuse (and store) the cached pre-edit baseline.
+    pub baseline_cache: Option<bool>,
 }
 
 /// A request written into the config file.
@@ -177,6 +205,10 @@ impl Config {
         if let Some(edit) = self.edit.as_mut() {
             edit.data.iter_mut().for_each(resolve);
             edit.save.iter_mut().for_each(resolve);
+        }
+        if let Some(eval) = self.eval.as_mut() {
+            eval.data.iter_mut().for_each(resolve);
+            eval.out.iter_mut().for_each(resolve);
         }
     }
 }
@@ -355,7 +387,7 @@ layers = [5]
         let e = parse("devise = \"cpu\"\n").unwrap_err().to_string();
         assert!(e.contains("unknown key `devise` in the top level"), "{e}");
         assert!(
-            e.contains("plugins, plugin_dirs, device, model, edit, hparams"),
+            e.contains("plugins, plugin_dirs, device, model, edit, eval, hparams"),
             "{e}"
         );
 
@@ -384,6 +416,29 @@ layers = [5]
         let e = parse("[edit]\nformat = \"csv\"\n").unwrap_err().to_string();
         assert!(e.contains("unknown value `csv` in [edit]"), "{e}");
         assert!(e.contains("counterfact, zsre, safeedit"), "{e}");
+    }
+
+    #[test]
+    fn an_eval_table_is_strict_too() {
+        let c = parse(
+            "[eval]\nmethod = \"ft\"\nprotocol = \"sequential\"\neval_each = true\nlimit = 50\n",
+        )
+        .unwrap();
+        let eval = c.eval.unwrap();
+        assert_eq!(
+            eval.protocol,
+            Some(crate::eval::protocol::Protocol::Sequential)
+        );
+        assert_eq!(eval.limit, Some(50));
+        let e = parse("[eval]\nprotocl = \"single\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown key `protocl` in [eval]"), "{e}");
+        assert!(e.contains("protocol, batch_size, eval_each"), "{e}");
+        let e = parse("[eval]\nprotocol = \"parallel\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("single, sequential, batch"), "{e}");
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod editor;
+pub mod eval;
 pub mod hparams;
 pub mod logging;
 pub mod model;

@@ -134,6 +134,11 @@ impl ModelHandle {
         self.detokenize(&new, true)
     }
 
+    /// One forward pass (logits and captures as the request asks).
+    pub fn forward(&self, request: &ForwardRequest) -> Result<kedit_plugin_api::ForwardOutput> {
+        Ok(self.plugin.check("forward", self.inner.forward(request))?)
+    }
+
     /// Whether the last-token logits of every prompt are finite.
     pub fn logits_finite(&self, prompts: &[&str]) -> Result<bool> {
         let rows = prompts

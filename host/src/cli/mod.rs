@@ -1,8 +1,10 @@
 //! The `kedit` command line: one file per command, shared setup in [`context`].
 
+mod bench;
 mod context;
 mod demo;
 mod edit;
+mod eval;
 mod export;
 mod fetch;
 mod generate;
@@ -77,8 +79,13 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Apply edit requests to a model, each as a transaction.
     Edit(EditArgs),
+    /// Evaluate an editing method on a dataset: metrics pre- and post-edit under a protocol,
+    /// written as summary.json, records.jsonl, report.md and charts.
+    Eval(eval::EvalArgs),
     /// Write a model (after applying the config's edits, if any) to a directory.
     Export(export::ExportArgs),
+    /// Measure forward latency, generation speed, edit time, evaluation throughput and peak RSS.
+    Bench(bench::BenchArgs),
     /// Download a known model into the cache.
     Fetch(fetch::FetchArgs),
     /// Edit the real SmolLM2 (fetched if missing): the Eiffel Tower moves, an unrelated prompt stays.
@@ -93,8 +100,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Info(args) => info::run(&context, args),
         Command::Generate(args) => generate::run(&context, args),
         Command::Edit(args) => edit::run(&context, args),
+        Command::Eval(args) => eval::run(&context, args),
         Command::Export(args) => export::run(&context, args),
         Command::Fetch(args) => fetch::run(args),
+        Command::Bench(args) => bench::run(&context, args),
         Command::Demo(args) => demo::run(&context, args),
     }
 }

@@ -82,7 +82,18 @@ impl Model for MockModel {
             LogitsWanted::Last => {
                 ROption::RSome(Tensor::new(&[rows, VOCAB], vec![self.sum(); rows * VOCAB])?)
             }
-            _ => ROption::RNone,
+            // Every position's argmax is min(sum / 4, VOCAB − 1): 0 unedited, 1 after one
+            // bump (which adds 1 to each of the 4 weights), 2 after two, ...
+            LogitsWanted::All => {
+                let seq = request.batch.padded_len();
+                let hot = ((self.sum() / 4.0).max(0.0) as usize).min(VOCAB - 1);
+                let mut data = vec![0.0; rows * seq * VOCAB];
+                for at in (0..rows * seq).map(|p| p * VOCAB + hot) {
+                    data[at] = 1.0;
+                }
+                ROption::RSome(Tensor::new(&[rows, seq, VOCAB], data)?)
+            }
+            LogitsWanted::None => ROption::RNone,
         };
         Ok(ForwardOutput {
             logits,

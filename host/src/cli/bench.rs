@@ -1,0 +1,229 @@
+//! `kedit bench`: the numbers to track release to release — forward latency (5 and 64 tokens),
+//! greedy generation tokens/s, edit time per method, evaluation throughput (records/s, without
+//! fluency) and peak RSS — as JSON.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+use kedit_plugin_api::{
+    Batch, EditRequest, ForwardRequest, GenerateRequest, LogitsWanted, Padding,
+};
+use serde_json::{json, Value};
+
+use super::{Context, ModelArgs};
+use crate::cancel::CancelFlag;
+use crate::editor::{EditProgress, EditorHandle};
+use crate::eval::metrics;
+use crate::eval::score::{score_request, ScoreSettings};
+use crate::hparams::merge_hparams;
+use crate::model::ModelHandle;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Editing methods to time (repeatable; default ft).
+    #[arg(long = "method", value_name = "NAME")]
+    pub methods: Vec<String>,
+    /// Timed repetitions of each measurement (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    /// Write the JSON here (atomically) as well as to stdout.
+    #[arg(long, value_name = "FILE.json")]
+    pub out: Option<PathBuf>,
+}
+
+fn median_of(mut f: impl FnMut() -> Result<()>, repeats: usize) -> Result<(f64, Vec<f64>)> {
+    f()?; // warm-up
+    let mut times = Vec::new();
+    for _ in 0..repeats.max(1) {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok((metrics::median(&times).unwrap_or(0.0), times))
+}
+
+fn ids_of_length(model: &ModelHandle, n: usize) -> Result<Vec<u32>> {
+    let text =
+        "The quick brown fox jumps over the lazy dog while the Eiffel Tower stands in Paris. ";
+    let mut ids = model.tokenize(&text.repeat(1 + n / 8), true)?;
+    ids.truncate(n);
+    Ok(ids)
+}
+
+fn forward_ms(model: &ModelHandle, n: usize, repeats: usize) -> Result<Value> {
+    let ids = ids_of_length(model, n)?;
+    let request = ForwardRequest::new(Batch::new(vec![ids], Padding::Right), LogitsWanted::Last);
+    let (median, times) = median_of(|| model.forward(&request).map(drop), repeats)?;
+    Ok(
+        json!({"tokens": n, "median_ms": median * 1e3, "min_ms": times.iter().copied().fold(f64::INFINITY, f64::min) * 1e3}),
+    )
+}
+
+fn requests() -> Vec<EditRequest> {
+    let mut a = EditRequest::fact(
+        "The Eiffel Tower is located in the city of",
+        "Eiffel Tower",
+        "Rome",
+    );
+    a.ground_truth = abi_stable::std_types::ROption::RSome("Paris".into());
+    a.rephrase = vec!["Where is the Eiffel Tower? It is in".into()].into();
+    a.locality = vec![kedit_plugin_api::PromptAnswer {
+        prompt: "The capital of Japan is".into(),
+        answer: "Tokyo".into(),
+        label: "neighborhood".into(),
+    }]
+    .into();
+    let mut b = EditRequest::fact(
+        "The mother tongue of Danielle Darrieux is",
+        "Danielle Darrieux",
+        "English",
+    );
+    b.ground_truth = abi_stable::std_types::ROption::RSome("French".into());
+    b.rephrase = vec!["Danielle Darrieux spoke the language".into()].into();
+    b.locality = vec![kedit_plugin_api::PromptAnswer {
+        prompt: "The mother tongue of Léon Blum is".into(),
+        answer: "French".into(),
+        label: "neighborhood".into(),
+    }]
+    .into();
+    vec![a, b]
+}
+
+/// Peak resident set size in MiB (Linux `VmHWM`).
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+pub fn run(context: &Context, args: BenchArgs) -> Result<ExitCode> {
+    let mut model_args = args.model.clone();
+    if model_args.model.is_none() && context.config.model.is_none() {
+        model_args.model = Some("smollm2-135m-instruct".into());
+    }
+    let registry = context.registry()?;
+    let mut model = context.open_model_with(&registry, &model_args)?;
+    let repeats = args.repeats;
+    eprintln!("bench: forward passes");
+    let forward = vec![
+        forward_ms(&model, 5, repeats)?,
+        forward_ms(&model, 64, repeats)?,
+    ];
+
+    eprintln!("bench: generation");
+    let prompt = model.tokenize("The Eiffel Tower is located in", true)?;
+    let new_tokens = 32;
+    let generate = GenerateRequest::greedy(vec![prompt], new_tokens);
+    let mut generated = 0usize;
+    let (gen_median, _) = median_of(
+        || {
+            generated = model.generate(&generate)?.first().map_or(0, Vec::len);
+            Ok(())
+        },
+        repeats.min(3),
+    )?;
+    let generation = json!({
+        "new_tokens": generated,
+        "median_seconds": gen_median,
+        "tokens_per_second": generated as f64 / gen_median.max(1e-9),
+    });
+
+    eprintln!("bench: evaluation throughput");
+    let reqs = requests();
+    let settings = ScoreSettings {
+        fluency: false,
+        ..ScoreSettings::default()
+    };
+    let (eval_median, _) = median_of(
+        || {
+            for (i, r) in reqs.iter().enumerate() {
+                score_request(&model, r, i, &settings, None)?;
+            }
+            Ok(())
+        },
+        repeats.min(3),
+    )?;
+    let evaluation = json!({
+        "records": reqs.len(),
+        "fluency": false,
+        "median_seconds": eval_median,
+        "records_per_second": reqs.len() as f64 / eval_median.max(1e-9),
+    });
+
+    let methods = if args.methods.is_empty() {
+        vec!["ft".to_string()]
+    } else {
+        args.methods.clone()
+    };
+    let mut edits = serde_json::Map::new();
+    let family = model.facts().family.to_string();
+    for name in &methods {
+        eprintln!("bench: edit with {name}");
+        let (plugin, method) = registry.editor_for_method(name)?;
+        let mut editor = EditorHandle::new(plugin)?;
+        let info = editor
+            .method_info(&method)
+            .cloned()
+            .context("method vanished")?;
+        let hparams = merge_hparams(&info, &family, &[])?.to_string();
+        let cancel = CancelFlag::new();
+        let mut times = Vec::new();
+        for r in &reqs {
+            let mark = model.journal_mark()?;
+            let t = Instant::now();
+            let mut progress = EditProgress::new(&cancel, None);
+            let result = editor.edit(
+                &mut model,
+                &method,
+                std::slice::from_ref(r),
+                &hparams,
+                &mut progress,
+            );
+            times.push(t.elapsed().as_secs_f64());
+            model.journal_rollback(mark)?;
+            result
+                .with_context(|| format!("{method} failed on request {:?}", r.prompt.as_str()))?;
+        }
+        edits.insert(
+            method.clone(),
+            json!({"requests": times.len(), "median_seconds": metrics::median(&times), "seconds": times}),
+        );
+    }
+
+    let report = json!({
+        "kedit_version": env!("CARGO_PKG_VERSION"),
+        "model": {
+            "source": model.source().display().to_string(),
+            "family": family,
+            "device": model.facts().device.as_str(),
+            "load_seconds": model.load_time().as_secs_f64(),
+        },
+        "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "forward": forward,
+        "generation": generation,
+        "evaluation": evaluation,
+        "edit": edits,
+        "peak_rss_mib": peak_rss_mib(),
+    });
+    let text = serde_json::to_string_pretty(&report)?;
+    if let Some(out) = &args.out {
+        let dir = out
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        tmp.write_all(text.as_bytes())?;
+        tmp.persist(out)
+            .with_context(|| format!("cannot write {}", out.display()))?;
+    }
+    println!("{text}");
+    Ok(ExitCode::SUCCESS)
+}

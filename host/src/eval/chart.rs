@@ -1,0 +1,212 @@
+//! Charts with `plotters` (bitmap and SVG backends): metrics over the number of edits, and the
+//! edit time of every edit call. Labels need a TrueType font: the first of `$KEDIT_CHART_FONT`
+//! and a few common system fonts (DejaVu, Liberation, Noto) is registered; without any, the charts
+//! are drawn without text rather than not at all.
+
+use std::path::Path;
+use std::sync::OnceLock;
+
+use anyhow::{anyhow, Result};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+/// One line of a chart.
+pub struct Series {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+    pub dashed: bool,
+    /// Palette index; `None` takes the series' own index (related series share a color).
+    pub color: Option<usize>,
+}
+
+pub struct Chart {
+    pub title: String,
+    pub x_label: String,
+    pub y_label: String,
+    pub series: Vec<Series>,
+    /// Fixed y range (metrics live in [0, 1]); `None` fits the data.
+    pub y_range: Option<(f64, f64)>,
+    /// Draw points as well as lines (few points).
+    pub points: bool,
+}
+
+const FONT_CANDIDATES: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/liberation/LiberationSans-Regular.ttf",
+    "/usr/share/fonts/truetype/noto/NotoSans-Regular.ttf",
+    "/Library/Fonts/Arial.ttf",
+    "/System/Library/Fonts/Supplemental/Arial.ttf",
+    "C:\\Windows\\Fonts\\arial.ttf",
+];
+
+/// Registers a font for "sans-serif" once; whether one is available.
+fn font_available() -> bool {
+    static FONT: OnceLock<bool> = OnceLock::new();
+    *FONT.get_or_init(|| {
+        let env = std::env::var("KEDIT_CHART_FONT").ok();
+        for path in env.iter().map(String::as_str).chain(FONT_CANDIDATES.iter().copied()) {
+            if let Ok(bytes) = std::fs::read(path) {
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                    tracing::debug!("chart font: {path}");
+                    return true;
+                }
+            }
+        }
+        tracing::warn!("no TrueType font found for chart labels (set KEDIT_CHART_FONT); drawing charts without text");
+        false
+    })
+}
+
+const COLORS: &[RGBColor] = &[
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+];
+
+fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, chart: &Chart) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    let text = font_available();
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("cannot draw the chart: {e:?}");
+    root.fill(&WHITE).map_err(err)?;
+    let all = chart.series.iter().flat_map(|s| s.points.iter());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in all {
+        if x.is_finite() && y.is_finite() {
+            x0 = x0.min(x);
+            x1 = x1.max(x);
+            y0 = y0.min(y);
+            y1 = y1.max(y);
+        }
+    }
+    if x0 > x1 {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    if x1 - x0 < 1e-9 {
+        x0 -= 0.5;
+        x1 += 0.5;
+    }
+    let (y0, y1) = match chart.y_range {
+        Some(r) => r,
+        None => {
+            let pad = ((y1 - y0) * 0.1).max(1e-3);
+            ((y0 - pad).min(0.0f64.max(y0 - pad)), y1 + pad)
+        }
+    };
+    let mut builder = ChartBuilder::on(&root);
+    builder.margin(15);
+    if text {
+        builder
+            .caption(&chart.title, ("sans-serif", 22))
+            .x_label_area_size(45)
+            .y_label_area_size(60);
+    }
+    let mut ctx = builder.build_cartesian_2d(x0..x1, y0..y1).map_err(err)?;
+    let mut mesh = ctx.configure_mesh();
+    if text {
+        mesh.x_desc(chart.x_label.as_str())
+            .y_desc(chart.y_label.as_str())
+            .label_style(("sans-serif", 14));
+    } else {
+        mesh.disable_x_axis().disable_y_axis();
+    }
+    mesh.draw().map_err(err)?;
+    for (i, s) in chart.series.iter().enumerate() {
+        let color = COLORS[s.color.unwrap_or(i) % COLORS.len()];
+        let style = color.stroke_width(2);
+        let points: Vec<(f64, f64)> = s
+            .points
+            .iter()
+            .copied()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .collect();
+        let drawn = if s.dashed {
+            ctx.draw_series(DashedLineSeries::new(points.clone(), 6, 4, style))
+                .map_err(err)?
+        } else {
+            ctx.draw_series(LineSeries::new(points.clone(), style))
+                .map_err(err)?
+        };
+        if text {
+            // Dashed series get a dashed legend sample (two short strokes).
+            let dashed = s.dashed;
+            drawn.label(s.name.as_str()).legend(move |(x, y)| {
+                let (first, gap) = if dashed { (8, 12) } else { (20, 20) };
+                EmptyElement::at((x, y))
+                    + PathElement::new(vec![(0, 0), (first, 0)], color.stroke_width(2))
+                    + PathElement::new(vec![(gap, 0), (20, 0)], color.stroke_width(2))
+            });
+        }
+        if chart.points {
+            ctx.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(err)?;
+        }
+    }
+    if text && !chart.series.is_empty() {
+        ctx.configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 14))
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()
+            .map_err(err)?;
+    }
+    root.present().map_err(err)?;
+    Ok(())
+}
+
+/// Writes `stem.png` and `stem.svg` into `dir`.
+pub fn write_chart(dir: &Path, stem: &str, chart: &Chart) -> Result<()> {
+    let size = (900, 540);
+    let png = dir.join(format!("{stem}.png"));
+    draw(BitMapBackend::new(&png, size).into_drawing_area(), chart)?;
+    let svg = dir.join(format!("{stem}.svg"));
+    draw(SVGBackend::new(&svg, size).into_drawing_area(), chart)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charts_are_written_as_png_and_svg() {
+        let dir = tempfile::tempdir().unwrap();
+        let chart = Chart {
+            title: "metrics".into(),
+            x_label: "edits".into(),
+            y_label: "value".into(),
+            series: vec![
+                Series {
+                    name: "a".into(),
+                    points: vec![(1.0, 0.2), (2.0, 0.5), (3.0, f64::NAN)],
+                    dashed: false,
+                    color: None,
+                },
+                Series {
+                    name: "b".into(),
+                    points: vec![(1.0, 1.0)],
+                    dashed: true,
+                    color: None,
+                },
+            ],
+            y_range: Some((0.0, 1.05)),
+            points: true,
+        };
+        write_chart(dir.path(), "m", &chart).unwrap();
+        let png = std::fs::read(dir.path().join("m.png")).unwrap();
+        assert_eq!(&png[1..4], b"PNG");
+        let svg = std::fs::read_to_string(dir.path().join("m.svg")).unwrap();
+        assert!(svg.contains("<svg"), "{svg}");
+    }
+}

@@ -1,0 +1,11 @@
+//! `kedit eval`: the field's metrics (../shared/METHODS.md §6, [`metrics`]), computed per request
+//! in one batched forward pass ([`score`]), under the single / sequential / batch protocols
+//! ([`protocol`]), against a cached pre-edit baseline ([`baseline`]), written as JSON, JSONL,
+//! Markdown and charts ([`report`], [`chart`]).
+
+pub mod baseline;
+pub mod chart;
+pub mod metrics;
+pub mod protocol;
+pub mod report;
+pub mod score;
