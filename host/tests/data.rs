@@ -195,3 +195,42 @@ fn a_nested_field_is_named_with_its_path() {
         "{e}"
     );
 }
+
+#[test]
+fn jsonl_requests_load_with_every_probe_and_reject_unknown_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mine.jsonl");
+    std::fs::write(
+        &file,
+        concat!(
+            r#"{"id": "e1", "prompt": "The Eiffel Tower is in", "subject": "Eiffel Tower", "target_new": "Rome", "ground_truth": "Paris", "rephrase": "Where is the Eiffel Tower? In", "locality": [{"prompt": "The Colosseum is in", "answer": "Rome"}], "portability": [{"prompt": "The tower's city is the capital of", "answer": "Italy", "label": "one_hop"}]}"#,
+            "\n",
+            r#"{"prompt": "2 + 2 =", "target_new": "5", "rephrase": ["two plus two is", "2+2="]}"#,
+            "\n\n"
+        ),
+    )
+    .unwrap();
+    let requests = load_requests(&file, DataFormat::Auto, Window::default()).unwrap();
+    assert_eq!(requests.len(), 2);
+    let r = &requests[0];
+    assert_eq!(r.id.as_str(), "e1");
+    assert_eq!(r.ground_truth.as_ref().unwrap().as_str(), "Paris");
+    assert_eq!(r.rephrase.len(), 1);
+    assert_eq!(r.locality[0].label.as_str(), "neighborhood");
+    assert_eq!(r.portability[0].answer.as_str(), "Italy");
+    assert_eq!(requests[1].id.as_str(), "1");
+    assert_eq!(requests[1].rephrase.len(), 2);
+
+    std::fs::write(
+        &file,
+        "{\"prompt\": \"a\", \"target_new\": \"b\"}\n{\"prompt\": \"a\", \"target_new\": \"b\", \"locality\": [{\"prompt\": \"x\", \"anwser\": \"y\"}]}\n",
+    )
+    .unwrap();
+    let e = load_requests(&file, DataFormat::Jsonl, Window::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("mine.jsonl: record 1: field `locality[0].anwser`: unknown field; allowed: prompt, answer, label"),
+        "{e}"
+    );
+}

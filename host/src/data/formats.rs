@@ -171,3 +171,50 @@ pub fn knowns(r: &Record, index: usize) -> Result<EditRequest> {
         ..Default::default()
     })
 }
+
+/// Fields of kedit's own JSONL request format (docs/requests.md).
+pub const JSONL_FIELDS: [&str; 8] = [
+    "id",
+    "prompt",
+    "subject",
+    "target_new",
+    "ground_truth",
+    "rephrase",
+    "locality",
+    "portability",
+];
+
+/// kedit's own format, one request per line: `{"prompt", "target_new", "subject"?, "id"?,
+/// "ground_truth"?, "rephrase"?: str | [str], "locality"?: [{"prompt", "answer", "label"?}],
+/// "portability"?: [...]}`. Unknown fields are errors, so a typo never silently drops a probe.
+pub fn jsonl(r: &Record, index: usize) -> Result<EditRequest> {
+    r.check_keys(&JSONL_FIELDS)?;
+    let prompt = r.string("prompt")?;
+    let subject = r.optional_string("subject")?.unwrap_or_default();
+    r.check_subject_in_prompt("subject", &subject, &prompt)?;
+    let probes = |field: &str, default_label: &str| -> Result<RVec<PromptAnswer>> {
+        r.objects(field)?
+            .iter()
+            .map(|p| {
+                p.check_keys(&["prompt", "answer", "label"])?;
+                let label = p.optional_string("label")?;
+                Ok(prompt_answer(
+                    p.string("prompt")?,
+                    p.string("answer")?,
+                    label.as_deref().unwrap_or(default_label),
+                ))
+            })
+            .collect()
+    };
+    Ok(EditRequest {
+        id: r.id("id")?.unwrap_or_else(|| index.to_string()).into(),
+        target_new: r.string("target_new")?.into(),
+        ground_truth: roption(r.optional_string("ground_truth")?),
+        rephrase: rstrings(r.strings("rephrase")?),
+        locality: probes("locality", NEIGHBORHOOD)?,
+        portability: probes("portability", ONE_HOP)?,
+        prompt: prompt.into(),
+        subject: subject.into(),
+        ..Default::default()
+    })
+}

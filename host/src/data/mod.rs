@@ -23,6 +23,8 @@ pub enum DataFormat {
     Zsre,
     Safeedit,
     Knowns,
+    /// kedit's own request format, one JSON object per line (docs/requests.md).
+    Jsonl,
     Auto,
 }
 
@@ -33,6 +35,7 @@ impl DataFormat {
             DataFormat::Zsre => "zsre",
             DataFormat::Safeedit => "safeedit",
             DataFormat::Knowns => "knowns",
+            DataFormat::Jsonl => "jsonl",
             DataFormat::Auto => "auto",
         }
     }
@@ -52,7 +55,13 @@ pub fn load_requests(path: &Path, format: DataFormat, window: Window) -> Result<
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read data file {}", path.display()))?;
     let file = path.display().to_string();
-    let records = split_records(&file, &text)?;
+    let jsonl = format == DataFormat::Jsonl
+        || (format == DataFormat::Auto && path.extension().is_some_and(|e| e == "jsonl"));
+    let records = if jsonl {
+        split_lines(&file, &text)?
+    } else {
+        split_records(&file, &text)?
+    };
     if window.offset > records.len() || (window.offset == records.len() && !records.is_empty()) {
         bail!(
             "{file}: --offset {} is past the end of the file ({} records)",
@@ -61,6 +70,7 @@ pub fn load_requests(path: &Path, format: DataFormat, window: Window) -> Result<
         );
     }
     let format = match format {
+        DataFormat::Auto if jsonl => DataFormat::Jsonl,
         DataFormat::Auto => detect_format(&file, records.first().copied())?,
         explicit => explicit,
     };
@@ -84,6 +94,7 @@ pub fn load_requests(path: &Path, format: DataFormat, window: Window) -> Result<
                 DataFormat::Zsre => formats::zsre(&record, index),
                 DataFormat::Safeedit => formats::safeedit(&record, index),
                 DataFormat::Knowns => formats::knowns(&record, index),
+                DataFormat::Jsonl => formats::jsonl(&record, index),
                 DataFormat::Auto => unreachable!("auto-detection resolved the format above"),
             }?;
             request.source_json = raw.get().into();
@@ -105,6 +116,22 @@ fn split_records<'a>(file: &str, text: &'a str) -> Result<Vec<&'a RawValue>> {
             Ok(_) => Err(anyhow!("{file}: {array_error}")),
         },
     }
+}
+
+/// JSONL: record N is line N+1; blank lines are allowed only at the end of the file.
+fn split_lines<'a>(file: &str, text: &'a str) -> Result<Vec<&'a RawValue>> {
+    let lines: Vec<&str> = text.trim_end().lines().collect();
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            if line.trim().is_empty() {
+                bail!("{file}: line {}: empty line inside a JSONL file", i + 1);
+            }
+            serde_json::from_str::<&RawValue>(line)
+                .map_err(|e| anyhow!("{file}: record {i} (line {}): invalid JSON: {e}", i + 1))
+        })
+        .collect()
 }
 
 /// Tells the format from the keys of the first record.

@@ -162,4 +162,36 @@ impl<'a> Record<'a> {
         }
         Ok(prompts.into_iter().zip(answers).collect())
     }
+
+    /// Rejects keys outside `allowed`, naming the first unknown one and listing the allowed.
+    pub fn check_keys(&self, allowed: &[&str]) -> Result<()> {
+        match self.fields.keys().find(|k| !allowed.contains(&k.as_str())) {
+            None => Ok(()),
+            Some(key) => Err(self.error(
+                key,
+                format!("unknown field; allowed: {}", allowed.join(", ")),
+            )),
+        }
+    }
+
+    /// An optional array of objects (`[]` when absent).
+    pub fn objects(&self, field: &str) -> Result<Vec<Record<'a>>> {
+        match self.fields.get(field) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| match item {
+                    Value::Object(fields) => Ok(Record {
+                        file: self.file,
+                        index: self.index,
+                        prefix: format!("{}{field}[{i}].", self.prefix),
+                        fields,
+                    }),
+                    other => Err(self.expected(&format!("{field}[{i}]"), "an object", other)),
+                })
+                .collect(),
+            Some(other) => Err(self.expected(field, "an array of objects", other)),
+        }
+    }
 }
