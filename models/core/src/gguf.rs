@@ -1555,8 +1555,8 @@ fn deq_q6_k(src: &[u8], dst: &mut [f32]) {
 // a tiny writer for tests (here and in gguf_tokenizer)
 // ---------------------------------------------------------------------------------------------
 
-#[cfg(test)]
-pub(crate) mod test_writer {
+#[cfg(any(test, feature = "testkit"))]
+pub mod test_writer {
     use super::{vt, GgufArray, GgufValue};
 
     /// Builds a GGUF v3 image in memory.

@@ -20,6 +20,8 @@ pub mod journal;
 pub mod modules;
 pub mod runtime;
 pub mod text;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub mod weights;
 
 pub use error::{Error, Result};

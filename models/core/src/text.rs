@@ -31,6 +31,9 @@ pub struct TextCodec {
     /// Whether `tokenize(.., add_special = true)` starts with BOS.
     pub add_bos: bool,
     pub chat_template: Option<String>,
+    /// Ids `tokenize(.., add_special = true)` puts first (after any BOS), unless the tokenizer
+    /// already did: ChatGLM's `[gMASK]` `sop`. Empty for most families.
+    pub prefix_tokens: Vec<u32>,
     /// Where the tokenizer files came from (an HF directory), for export.
     hf_dir: Option<PathBuf>,
 }
@@ -54,6 +57,7 @@ impl TextCodec {
             unk: None,
             add_bos: false,
             chat_template: None,
+            prefix_tokens: Vec::new(),
             hf_dir: None,
         }
     }
@@ -69,6 +73,9 @@ impl TextCodec {
                     tokenizer_path.display()
                 ))
             })?)
+        } else if crate::arch::gpt2::tokenizer::has_encoder_files(dir) {
+            // GPT-2's original encoder.json + vocab.bpe.
+            Some(crate::arch::gpt2::tokenizer::from_encoder_files(dir)?)
         } else {
             None
         };
@@ -128,6 +135,7 @@ impl TextCodec {
             unk,
             add_bos,
             chat_template,
+            prefix_tokens: Vec::new(),
             hf_dir: Some(dir.to_path_buf()),
         })
     }
@@ -145,8 +153,14 @@ impl TextCodec {
             unk: info.unk,
             add_bos: info.add_bos,
             chat_template: info.chat_template,
+            prefix_tokens: Vec::new(),
             hf_dir: None,
         })
+    }
+
+    /// The id of token `token` in the tokenizer's vocabulary (added tokens included).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.as_ref()?.token_to_id(token)
     }
 
     pub fn has_tokenizer(&self) -> bool {
@@ -170,6 +184,9 @@ impl TextCodec {
             if ids.first() != Some(&bos) {
                 ids.insert(0, bos);
             }
+        }
+        if add_special && !self.prefix_tokens.is_empty() && !ids.starts_with(&self.prefix_tokens) {
+            ids.splice(0..0, self.prefix_tokens.iter().copied());
         }
         Ok(ids)
     }
@@ -203,6 +220,16 @@ impl TextCodec {
                         .map_err(|e| io(format!("{}: cannot read: {e}", from.display())))?;
                     write_atomic(&dir.join(name), &bytes)?;
                 }
+            }
+            // A tokenizer built from other files (GPT-2's encoder.json + vocab.bpe): write the
+            // tokenizer.json other tools read.
+            if let (false, Some(tokenizer)) =
+                (src.join("tokenizer.json").is_file(), &self.tokenizer)
+            {
+                let json = tokenizer
+                    .to_string(false)
+                    .map_err(|e| invalid(format!("cannot serialise the tokenizer: {e}")))?;
+                write_atomic(&dir.join("tokenizer.json"), json.as_bytes())?;
             }
             return Ok(());
         }

@@ -2,7 +2,12 @@
 //! mapping between checkpoint tensor names and canonical sites, and an explicit forward written
 //! against [`Pass`], in the style of candle-transformers' model files.
 
+pub mod baichuan;
+pub mod chatglm;
+pub mod glm;
+pub mod gpt2;
 pub mod llama;
+pub mod qwen;
 
 use candle_core::Tensor;
 use kedit_plugin_api::{ActSite, WeightSite};

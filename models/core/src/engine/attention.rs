@@ -21,6 +21,9 @@ pub struct AttentionInputs<'a> {
     pub mask: Option<&'a Tensor>,
     /// `[batch, 1, seq, 1]` of 0/1.
     pub query_has_key: Option<&'a Tensor>,
+    /// Added to the scaled scores before the mask, broadcast to `[batch, heads, seq, keys]`
+    /// (ALiBi's `[1, heads, 1, keys]`).
+    pub score_bias: Option<&'a Tensor>,
     pub path: Path,
 }
 
@@ -69,6 +72,10 @@ pub fn attention(
         .matmul(&k.t()?)?
         .reshape((b, n_heads, s, keys))?
         .affine(scale, 0.0)?;
+    let scores = match inputs.score_bias {
+        Some(bias) => scores.broadcast_add(bias)?,
+        None => scores,
+    };
     let scores = match inputs.mask {
         Some(mask) => scores.broadcast_add(mask)?,
         None => scores,
@@ -111,6 +118,7 @@ mod tests {
                 rope: None,
                 mask: mask.as_ref(),
                 query_has_key: None,
+                score_bias: None,
                 path: Path::Inference,
             };
             attention(shape, &q, &k, &v, &inputs, None).unwrap()
@@ -139,6 +147,7 @@ mod tests {
                 rope: None,
                 mask: mask.as_ref(),
                 query_has_key: has_key.as_ref(),
+                score_bias: None,
                 path,
             };
             let out = attention(shape, &pad(&q), &pad(&k), &pad(&v), &inputs, None).unwrap();

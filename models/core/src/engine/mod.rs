@@ -1,10 +1,12 @@
 //! The transformer engine shared by every family: the per-call [`pass::Pass`], the attention
 //! kernel, RoPE, norms, frozen matmuls, interventions and the KV cache.
 
+pub mod alibi;
 pub mod attention;
 pub mod edits;
 pub mod frozen;
 pub mod kv_cache;
+pub mod layer_norm;
 pub mod layout;
 pub mod ops;
 pub mod pass;

@@ -136,6 +136,12 @@ impl<'a> Pass<'a> {
         &self.device
     }
 
+    /// Position of every slot of this call, row-major: `past + i` for real token i of a row,
+    /// 0 for pads (learned position embeddings read them).
+    pub fn positions(&self) -> &[u32] {
+        &self.positions
+    }
+
     /// Passes `h` through activation site `site`: applies its interventions, then records it if
     /// captured.
     pub fn act(&mut self, site: ActSite, h: Tensor) -> Result<Tensor> {
@@ -154,6 +160,13 @@ impl<'a> Pass<'a> {
     /// is the output gradient.
     pub fn linear(&mut self, site: WeightSite, x: &Tensor) -> Result<Tensor> {
         let w = self.weights.site(site)?;
+        self.linear_with(site, x, w)
+    }
+
+    /// [`Pass::linear`] with `w` applied in place of the stored weight of `site` (bias, modules
+    /// and taps stay those of `site`): for a family whose forward applies a weight derived from
+    /// the stored one, such as Baichuan2's row-normalised head.
+    pub fn linear_with(&mut self, site: WeightSite, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let mut y = frozen::linear(x, w)?;
         if let Some(b) = self.weights.bias(site) {
             y = y.broadcast_add(b)?;
@@ -201,6 +214,22 @@ impl<'a> Pass<'a> {
         k: &Tensor,
         v: &Tensor,
     ) -> Result<Tensor> {
+        self.attention_with_bias(layer, shape, rope, None, q, k, v)
+    }
+
+    /// [`Pass::attention`] with an additive score bias (ALiBi), broadcast to
+    /// `[batch, heads, seq, past + seq]` and added before the mask.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_with_bias(
+        &mut self,
+        layer: usize,
+        shape: AttentionShape,
+        rope: Option<&Rope>,
+        score_bias: Option<&Tensor>,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<Tensor> {
         if let Some(rope) = rope {
             let stale = !matches!(&self.rope_tables, Some((r, _)) if r == rope);
             if stale {
@@ -217,6 +246,7 @@ impl<'a> Pass<'a> {
             rope: rope.and(self.rope_tables.as_ref().map(|(r, t)| (r, t))),
             mask: self.mask.as_ref(),
             query_has_key: self.query_has_key.as_ref(),
+            score_bias,
             path: self.path,
         };
         let cache = self.cache.as_deref_mut().map(|c| (c, layer));

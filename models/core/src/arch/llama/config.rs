@@ -17,6 +17,47 @@ pub enum SourceFormat {
     /// A `llama`-architecture GGUF: llama.cpp permuted the Q/K rows of every head, so the same
     /// rotation acts on interleaved pairs.
     Gguf,
+    /// A GGUF whose Q/K rows llama.cpp stores unpermuted (`qwen2`, `qwen3`: NEOX rotary), so
+    /// half-split RoPE applies to the rows as stored.
+    GgufUnpermuted,
+}
+
+/// Which member of the LLaMA-shaped decoders a config describes. Qwen2 and Qwen3 are LLaMA
+/// with q/k/v biases (Qwen2) or per-head q/k RMS norms before RoPE (Qwen3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    Llama,
+    Qwen2,
+    Qwen3,
+}
+
+impl Variant {
+    /// The family name (and HF `model_type`).
+    pub fn family(self) -> &'static str {
+        match self {
+            Variant::Llama => "llama",
+            Variant::Qwen2 => "qwen2",
+            Variant::Qwen3 => "qwen3",
+        }
+    }
+
+    fn hf_architecture(self) -> &'static str {
+        match self {
+            Variant::Llama => "LlamaForCausalLM",
+            Variant::Qwen2 => "Qwen2ForCausalLM",
+            Variant::Qwen3 => "Qwen3ForCausalLM",
+        }
+    }
+
+    /// The variant of a GGUF `general.architecture`.
+    pub fn of_gguf_arch(arch: &str) -> Option<Self> {
+        match arch {
+            "llama" => Some(Variant::Llama),
+            "qwen2" => Some(Variant::Qwen2),
+            "qwen3" => Some(Variant::Qwen3),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -32,6 +73,9 @@ pub struct LlamaConfig {
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
     pub source: SourceFormat,
+    pub variant: Variant,
+    /// Per-head RMS norms of q and k over head_dim before RoPE (Qwen3).
+    pub qk_norm: bool,
     /// The checkpoint's own config.json, written back unchanged on export.
     pub hf_config: Option<Value>,
 }
@@ -60,6 +104,11 @@ fn check_dims(dims: &Dims, origin: &str) -> Result<()> {
 
 impl LlamaConfig {
     pub fn from_hf(config: &JsonFile) -> Result<Self> {
+        Self::from_hf_variant(config, Variant::Llama)
+    }
+
+    /// A config.json of `variant` (Qwen2 always has q/k/v biases; Qwen3 has q/k norms).
+    pub fn from_hf_variant(config: &JsonFile, variant: Variant) -> Result<Self> {
         let origin = config.path.display().to_string();
         if let Some(act) = config.str_opt("hidden_act")? {
             if act != "silu" {
@@ -67,6 +116,11 @@ impl LlamaConfig {
                     "{origin}: hidden_act '{act}' is not supported (LLaMA uses silu)"
                 )));
             }
+        }
+        if config.bool_opt("use_sliding_window")? == Some(true) {
+            return Err(unsupported(format!(
+                "{origin}: use_sliding_window = true is not supported yet (full attention only)"
+            )));
         }
         let d_model = config.usize("hidden_size", "model width")?;
         let n_heads = config.usize("num_attention_heads", "attention heads")?;
@@ -118,25 +172,28 @@ impl LlamaConfig {
             dims,
             rms_norm_eps: config.f64_opt("rms_norm_eps")?.unwrap_or(1e-6),
             tie_word_embeddings: config.bool_opt("tie_word_embeddings")?.unwrap_or(false),
-            attention_bias: config.bool_opt("attention_bias")?.unwrap_or(false),
+            attention_bias: variant == Variant::Qwen2
+                || config.bool_opt("attention_bias")?.unwrap_or(false),
             mlp_bias: config.bool_opt("mlp_bias")?.unwrap_or(false),
             bos_token_id: config.ids_opt("bos_token_id")?.first().copied(),
             eos_token_ids: config.ids_opt("eos_token_id")?,
             pad_token_id: config.ids_opt("pad_token_id")?.first().copied(),
             source: SourceFormat::HfSafetensors,
+            variant,
+            qk_norm: variant == Variant::Qwen3,
             hf_config: Some(config.value.clone()),
         })
     }
 
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
         let arch = gguf.architecture()?;
-        if arch != "llama" {
-            return Err(unsupported(format!(
-                "{}: GGUF architecture '{arch}' is not llama",
+        let variant = Variant::of_gguf_arch(arch).ok_or_else(|| {
+            unsupported(format!(
+                "{}: GGUF architecture '{arch}' is not llama, qwen2 or qwen3",
                 gguf.display_path()
-            )));
-        }
-        let key = |k: &str| format!("llama.{k}");
+            ))
+        })?;
+        let key = |k: &str| format!("{arch}.{k}");
         let d_model = gguf.get_u32(&key("embedding_length"))? as usize;
         let n_heads = gguf.get_u32(&key("attention.head_count"))? as usize;
         let head_dim = match gguf.get_u32_opt(&key("attention.key_length"))? {
@@ -168,7 +225,7 @@ impl LlamaConfig {
                 .map(|t| t.shape()[0])
                 .ok_or_else(|| {
                     invalid(format!(
-                        "{}: no llama.vocab_size and no token_embd.weight",
+                        "{}: no {arch}.vocab_size and no token_embd.weight",
                         gguf.display_path()
                     ))
                 })?,
@@ -193,9 +250,15 @@ impl LlamaConfig {
         let eps = gguf.get_f32(&key("attention.layer_norm_rms_epsilon"))?;
         let theta = gguf.get_f32_opt(&key("rope.freq_base"))?.unwrap_or(10000.0);
         let id = |k: &str| -> Result<Option<u32>> { Ok(gguf.get_u32_opt(k)?) };
+        // llama.cpp permutes the Q/K rows of `llama` files only; qwen files keep HF's rows
+        // and use NEOX (half-split) rotary.
+        let (style, source) = match variant {
+            Variant::Llama => (RopeStyle::Interleaved, SourceFormat::Gguf),
+            _ => (RopeStyle::HalfSplit, SourceFormat::GgufUnpermuted),
+        };
         Ok(Self {
             rope: Rope {
-                style: RopeStyle::Interleaved,
+                style,
                 theta: theta as f64,
                 rotary_dim,
                 head_dim,
@@ -208,7 +271,9 @@ impl LlamaConfig {
             bos_token_id: id("tokenizer.ggml.bos_token_id")?,
             eos_token_ids: id("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
             pad_token_id: id("tokenizer.ggml.padding_token_id")?,
-            source: SourceFormat::Gguf,
+            source,
+            variant,
+            qk_norm: variant == Variant::Qwen3,
             hf_config: None,
         })
     }
@@ -227,8 +292,8 @@ impl LlamaConfig {
             many => json!(many),
         };
         json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [self.variant.hf_architecture()],
+            "model_type": self.variant.family(),
             "hidden_act": "silu",
             "hidden_size": d.d_model,
             "intermediate_size": d.d_ff,

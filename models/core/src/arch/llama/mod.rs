@@ -29,6 +29,8 @@ pub struct Llama {
     attention: AttentionShape,
     /// Per layer: the names of its two norm weights (built once, not per call).
     norms: Vec<(String, String)>,
+    /// Per layer: the names of its q/k head norms (Qwen3), empty otherwise.
+    qk_norms: Vec<(String, String)>,
 }
 
 impl Llama {
@@ -43,14 +45,32 @@ impl Llama {
             norms: (0..d.n_layers)
                 .map(|i| (weights::attn_norm(i), weights::mlp_norm(i)))
                 .collect(),
+            qk_norms: if config.qk_norm {
+                (0..d.n_layers)
+                    .map(|i| (weights::q_norm(i), weights::k_norm(i)))
+                    .collect()
+            } else {
+                Vec::new()
+            },
             config,
         }
     }
 }
 
+impl Llama {
+    /// RMS norm of every head of `x: [batch, seq, heads·head_dim]` over head_dim (Qwen3).
+    fn head_norm(&self, pass: &mut Pass<'_>, x: &Tensor, name: &str) -> Result<Tensor> {
+        let (b, s, w) = x.dims3()?;
+        let hd = self.config.dims.head_dim;
+        let heads = x.reshape((b, s, w / hd, hd))?;
+        let n = pass.rms_norm(&heads, name, self.config.rms_norm_eps)?;
+        Ok(n.reshape((b, s, w))?)
+    }
+}
+
 impl Architecture for Llama {
     fn family(&self) -> &str {
-        "llama"
+        self.config.variant.family()
     }
 
     fn dims(&self) -> &Dims {
@@ -66,6 +86,10 @@ impl Architecture for Llama {
         let q = pass.linear(WeightSite::AttnQ(i), &x)?;
         let k = pass.linear(WeightSite::AttnK(i), &x)?;
         let v = pass.linear(WeightSite::AttnV(i), &x)?;
+        let (q, k) = match self.qk_norms.get(i) {
+            Some((qn, kn)) => (self.head_norm(pass, &q, qn)?, self.head_norm(pass, &k, kn)?),
+            None => (q, k),
+        };
         let a = pass.attention(i, self.attention, Some(&self.config.rope), &q, &k, &v)?;
         let attn_out = pass.linear(WeightSite::AttnO(i), &a)?;
         let attn_out = pass.act(ActSite::AttnOut(i), attn_out)?;

@@ -4,7 +4,7 @@
 use candle_core::{Device, Tensor};
 use kedit_plugin_api::WeightSite;
 
-use super::config::{LlamaConfig, SourceFormat};
+use super::config::{LlamaConfig, SourceFormat, Variant};
 use crate::checkpoint::SafetensorsCheckpoint;
 use crate::error::{invalid, Context, Result};
 use crate::gguf::GgufFile;
@@ -34,6 +34,14 @@ pub fn attn_norm(layer: usize) -> String {
 
 pub fn mlp_norm(layer: usize) -> String {
     format!("layer.{layer}.mlp_norm")
+}
+
+pub fn q_norm(layer: usize) -> String {
+    format!("layer.{layer}.q_norm")
+}
+
+pub fn k_norm(layer: usize) -> String {
+    format!("layer.{layer}.k_norm")
 }
 
 pub const FINAL_NORM: &str = "final_norm";
@@ -79,7 +87,8 @@ pub fn specs(cfg: &LlamaConfig) -> Vec<Spec> {
                 "self_attn.o_proj",
                 "attn_output",
                 [dm, q_out],
-                cfg.attention_bias,
+                // Qwen2 has q/k/v biases but none on o_proj.
+                cfg.attention_bias && cfg.variant != Variant::Qwen2,
             ),
             (
                 WeightSite::MlpGate(i),
@@ -131,6 +140,20 @@ pub fn specs(cfg: &LlamaConfig) -> Vec<Spec> {
             gguf: gg("ffn_norm.weight"),
             shape: vec![dm],
         });
+        if cfg.qk_norm {
+            out.push(Spec {
+                target: Target::Named(q_norm(i)),
+                hf: hf("self_attn.q_norm.weight"),
+                gguf: gg("attn_q_norm.weight"),
+                shape: vec![d.head_dim],
+            });
+            out.push(Spec {
+                target: Target::Named(k_norm(i)),
+                hf: hf("self_attn.k_norm.weight"),
+                gguf: gg("attn_k_norm.weight"),
+                shape: vec![d.head_dim],
+            });
+        }
     }
     out.push(Spec {
         target: Target::Named(FINAL_NORM.into()),
