@@ -19,9 +19,9 @@ pub mod gguf_tokenizer;
 pub mod journal;
 pub mod modules;
 pub mod runtime;
-pub mod text;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod text;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -77,12 +77,11 @@ fn a_missing_tensor_is_named_in_the_error() {
     let src = fixture("gpt2");
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
-    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
-        load_expected(src.join("model.safetensors"))
-            .into_iter()
-            .filter(|(k, _)| k != "transformer.h.2.mlp.c_fc.bias")
-            .map(|(k, v)| (k, v.shape.clone(), v.f32s()))
-            .collect();
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = load_expected(src.join("model.safetensors"))
+        .into_iter()
+        .filter(|(k, _)| k != "transformer.h.2.mlp.c_fc.bias")
+        .map(|(k, v)| (k, v.shape.clone(), v.f32s()))
+        .collect();
     write_safetensors(&dir.path().join("model.safetensors"), &tensors);
     let e = kedit_model_gpt2::open_runtime(dir.path().to_str().unwrap(), "cpu")
         .err()

@@ -1,0 +1,285 @@
+//! ROME hyper-parameters, named as in EasyEdit's `ROMEHyperParams` wherever the meaning is the
+//! same (METHODS.md §3.6). Sites are canonical names, never family tensor names.
+
+use kedit_plugin_api::PluginError;
+use serde::Deserialize;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RomeHparams {
+    /// Edited layers, processed in ascending order (EasyEdit's default is one layer).
+    pub layers: Vec<usize>,
+    /// Only `subject_last` is implemented (EasyEdit's only ROME setting in practice).
+    #[serde(default = "default_fact_token")]
+    pub fact_token: String,
+    pub v_num_grad_steps: usize,
+    pub v_lr: f64,
+    /// Weight of the (non-squared) decay term `‖δ‖ / ‖target_init‖²`.
+    pub v_weight_decay: f64,
+    /// δ is clamped to the ball of radius `clamp_norm_factor · ‖target_init‖`.
+    pub clamp_norm_factor: f64,
+    pub kl_factor: f64,
+    /// EasyEdit traces this layer; the loss always uses the full model's logits. Kept for
+    /// compatibility with EasyEdit files, otherwise unused.
+    #[serde(default)]
+    pub v_loss_layer: Option<usize>,
+    /// `u = C⁻¹k̄` with C the key second moment (ROME paper); false: `u = k̄` (EasyEdit).
+    pub mom2_adjustment: bool,
+    /// Text corpus for C: a text file (one document per line) or a directory of them.
+    #[serde(default)]
+    pub mom2_dataset: String,
+    /// Number of documents (lines) sampled for C.
+    pub mom2_n_samples: usize,
+    /// Where C is cached ("" = no cache). DEVIATION from DESIGN.md (editors touch no files):
+    /// until the host lends editors a store, the editor reads the corpus and this cache itself.
+    #[serde(default)]
+    pub stats_dir: String,
+    /// Tokens per statistics forward (rows × padded width), EasyEdit's `3·npos`-style batching.
+    #[serde(default = "default_stats_batch_tokens")]
+    pub stats_batch_tokens: usize,
+    /// Longest document in tokens for the statistics (0 = the model's `max_positions`).
+    #[serde(default)]
+    pub stats_max_len: usize,
+    /// MEMIT's λ in `λ·C + K Kᵀ` (EasyEdit `mom2_update_weight`).
+    #[serde(default = "default_update_weight")]
+    pub mom2_update_weight: f64,
+    /// `[[length, n_gen], ...]` of the generated context templates.
+    pub context_template_length_params: Vec<(usize, usize)>,
+    /// Fixed templates (each containing `{}`) instead of generated ones, e.g. `["{}"]`.
+    #[serde(default)]
+    pub context_templates: Option<Vec<String>>,
+    /// Seed of the top-k template sampling.
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// The loss below which the v optimisation stops (EasyEdit: 5e-2).
+    #[serde(default = "default_stop_loss")]
+    pub v_stop_loss: f64,
+    /// Canonical sites (`{}` = layer).
+    #[serde(default = "default_rewrite_site")]
+    pub rewrite_site: String,
+    #[serde(default = "default_key_site")]
+    pub key_site: String,
+    #[serde(default = "default_value_site")]
+    pub value_site: String,
+}
+
+fn default_fact_token() -> String {
+    "subject_last".into()
+}
+fn default_stats_batch_tokens() -> usize {
+    4096
+}
+fn default_update_weight() -> f64 {
+    15000.0
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_stop_loss() -> f64 {
+    5e-2
+}
+fn default_rewrite_site() -> String {
+    "layer.{}.mlp.down".into()
+}
+fn default_key_site() -> String {
+    "layer.{}.mlp_key".into()
+}
+fn default_value_site() -> String {
+    "layer.{}.mlp_out".into()
+}
+
+impl RomeHparams {
+    pub fn from_json(json: &str) -> Result<Self, PluginError> {
+        let hp: Self = serde_json::from_str(json)
+            .map_err(|e| PluginError::invalid(format!("rome hparams: {e}")))?;
+        if hp.layers.is_empty() {
+            return Err(PluginError::invalid("rome hparams: `layers` is empty"));
+        }
+        if hp.fact_token != "subject_last" {
+            return Err(PluginError::unsupported(format!(
+                "rome hparams: fact_token '{}' is not supported (only subject_last)",
+                hp.fact_token
+            )));
+        }
+        if hp.v_lr.is_nan() || hp.v_lr <= 0.0 {
+            return Err(PluginError::invalid(
+                "rome hparams: `v_lr` must be positive",
+            ));
+        }
+        if hp.v_num_grad_steps == 0 {
+            return Err(PluginError::invalid(
+                "rome hparams: `v_num_grad_steps` must be ≥ 1",
+            ));
+        }
+        for (what, s) in [
+            ("rewrite_site", &hp.rewrite_site),
+            ("key_site", &hp.key_site),
+            ("value_site", &hp.value_site),
+        ] {
+            if !s.contains("{}") {
+                return Err(PluginError::invalid(format!(
+                    "rome hparams: `{what}` '{s}' has no {{}} for the layer"
+                )));
+            }
+        }
+        if let Some(t) = &hp.context_templates {
+            if t.is_empty() || t.iter().any(|t| t.matches("{}").count() != 1) {
+                return Err(PluginError::invalid(
+                    "rome hparams: `context_templates` must be non-empty and each must hold exactly one {}",
+                ));
+            }
+        }
+        if hp.mom2_adjustment && hp.mom2_dataset.is_empty() {
+            return Err(PluginError::invalid(
+                "rome hparams: `mom2_adjustment` needs `mom2_dataset` (a text file or directory)",
+            ));
+        }
+        Ok(hp)
+    }
+}
+
+/// Defaults for every family: EasyEdit's `ROME/llama-7b.yaml` (METHODS.md §3.6).
+pub const DEFAULT_HPARAMS: &str = r#"{
+  "layers": [5],
+  "fact_token": "subject_last",
+  "v_num_grad_steps": 25,
+  "v_lr": 0.5,
+  "v_weight_decay": 1e-3,
+  "clamp_norm_factor": 4.0,
+  "kl_factor": 0.0625,
+  "v_loss_layer": null,
+  "mom2_adjustment": false,
+  "mom2_dataset": "../shared/data/corpus",
+  "mom2_n_samples": 100000,
+  "stats_dir": "",
+  "stats_batch_tokens": 4096,
+  "stats_max_len": 0,
+  "context_template_length_params": [[5, 10], [10, 10]],
+  "context_templates": null,
+  "seed": 42,
+  "v_stop_loss": 0.05,
+  "rewrite_site": "layer.{}.mlp.down",
+  "key_site": "layer.{}.mlp_key",
+  "value_site": "layer.{}.mlp_out"
+}"#;
+
+/// MEMIT defaults for every family: EasyEdit's `MEMIT/llama-7b.yaml` (METHODS.md §3.7).
+pub const MEMIT_DEFAULT_HPARAMS: &str = r#"{
+  "layers": [4, 5, 6, 7, 8],
+  "fact_token": "subject_last",
+  "v_num_grad_steps": 25,
+  "v_lr": 0.5,
+  "v_weight_decay": 1e-3,
+  "clamp_norm_factor": 4.0,
+  "kl_factor": 0.0625,
+  "v_loss_layer": null,
+  "mom2_adjustment": true,
+  "mom2_update_weight": 15000.0,
+  "mom2_dataset": "../shared/data/corpus",
+  "mom2_n_samples": 100000,
+  "stats_dir": "",
+  "stats_batch_tokens": 4096,
+  "stats_max_len": 0,
+  "context_template_length_params": [[10, 5]],
+  "context_templates": null,
+  "seed": 42,
+  "v_stop_loss": 0.05,
+  "rewrite_site": "layer.{}.mlp.down",
+  "key_site": "layer.{}.mlp_key",
+  "value_site": "layer.{}.resid_post"
+}"#;
+
+/// Per-family MEMIT overrides (EasyEdit's per-model MEMIT files).
+pub const MEMIT_FAMILY_DEFAULTS: &[(&str, &str)] = &[
+    (
+        "gpt2",
+        r#"{"layers": [13, 14, 15, 16, 17], "v_num_grad_steps": 20, "v_weight_decay": 0.5, "clamp_norm_factor": 0.75, "mom2_update_weight": 20000.0, "v_loss_layer": 47}"#,
+    ),
+    ("llama", r#"{"layers": [4, 5, 6, 7, 8]}"#),
+    ("qwen", r#"{"layers": [4, 5, 6, 7, 8]}"#),
+    ("qwen2", r#"{"layers": [4, 5, 6, 7, 8]}"#),
+    ("qwen3", r#"{"layers": [4, 5, 6, 7, 8]}"#),
+    ("chatglm", r#"{"layers": [13, 14, 15, 16, 17]}"#),
+    ("glm", r#"{"layers": [13, 14, 15, 16, 17]}"#),
+    ("baichuan", r#"{"layers": [4, 5, 6, 7, 8]}"#),
+];
+
+/// Per-family overrides, following EasyEdit's per-model ROME files.
+pub const FAMILY_DEFAULTS: &[(&str, &str)] = &[
+    // gpt2-xl.yaml: layer 17 (of 48), 20 steps, wd 0.5, loss layer 47.
+    (
+        "gpt2",
+        r#"{"layers": [17], "v_num_grad_steps": 20, "v_weight_decay": 0.5, "v_loss_layer": 47}"#,
+    ),
+    (
+        "llama",
+        r#"{"layers": [5], "v_num_grad_steps": 25, "v_weight_decay": 1e-3}"#,
+    ),
+    // qwen-7b.yaml (Qwen 1): wd 0.5, 20 steps, loss layer 31.
+    (
+        "qwen",
+        r#"{"layers": [5], "v_num_grad_steps": 20, "v_weight_decay": 0.5, "v_loss_layer": 31}"#,
+    ),
+    // qwen2/2.5-7b: as LLaMA with loss layer 27.
+    (
+        "qwen2",
+        r#"{"layers": [5], "v_num_grad_steps": 25, "v_weight_decay": 1e-3, "v_loss_layer": 27}"#,
+    ),
+    (
+        "qwen3",
+        r#"{"layers": [5], "v_num_grad_steps": 25, "v_weight_decay": 1e-3}"#,
+    ),
+    // chatglm2-6b.yaml: wd 0.5, 20 steps, loss layer 27.
+    (
+        "chatglm",
+        r#"{"layers": [5], "v_num_grad_steps": 20, "v_weight_decay": 0.5, "v_loss_layer": 27}"#,
+    ),
+    (
+        "glm",
+        r#"{"layers": [5], "v_num_grad_steps": 20, "v_weight_decay": 0.5, "v_loss_layer": 27}"#,
+    ),
+    (
+        "baichuan",
+        r#"{"layers": [5], "v_num_grad_steps": 25, "v_weight_decay": 1e-3}"#,
+    ),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse_for_every_family_and_unknown_keys_are_rejected() {
+        let base: serde_json::Value = serde_json::from_str(DEFAULT_HPARAMS).unwrap();
+        RomeHparams::from_json(DEFAULT_HPARAMS).unwrap();
+        for (family, json) in FAMILY_DEFAULTS {
+            let mut merged = base.clone();
+            let over: serde_json::Value = serde_json::from_str(json).unwrap();
+            for (k, v) in over.as_object().unwrap() {
+                assert!(
+                    merged.get(k).is_some(),
+                    "{family}: {k} is not a default key"
+                );
+                merged[k] = v.clone();
+            }
+            RomeHparams::from_json(&merged.to_string()).unwrap();
+        }
+        let mbase: serde_json::Value = serde_json::from_str(MEMIT_DEFAULT_HPARAMS).unwrap();
+        for (family, json) in MEMIT_FAMILY_DEFAULTS {
+            let mut merged = mbase.clone();
+            let over: serde_json::Value = serde_json::from_str(json).unwrap();
+            for (k, v) in over.as_object().unwrap() {
+                assert!(
+                    merged.get(k).is_some(),
+                    "memit {family}: {k} is not a default key"
+                );
+                merged[k] = v.clone();
+            }
+            RomeHparams::from_json(&merged.to_string()).unwrap();
+        }
+        let mut bad = base.clone();
+        bad["v_lr_typo"] = 1.0.into();
+        let e = RomeHparams::from_json(&bad.to_string()).unwrap_err();
+        assert!(e.message.contains("v_lr_typo"), "{e}");
+    }
+}
