@@ -9,8 +9,8 @@ use kedit_plugin_api::{
 };
 use serde::Serialize;
 
-use crate::adam::Adam;
 use crate::hparams::{FtHparams, Objective};
+use kedit_optim::Adam;
 
 /// One optimisation step, as recorded for reports and parity checks.
 #[derive(Clone, Debug, Serialize)]

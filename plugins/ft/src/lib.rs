@@ -4,7 +4,6 @@
 //! [`Editor`] implementation exported with [`kedit_plugin_api::export_plugin!`]; it speaks only
 //! in canonical sites and drives the model through [`ModelClient`].
 
-pub mod adam;
 pub mod ft;
 pub mod hparams;
 

@@ -3,7 +3,6 @@
 //! MEMIT (§3.7): multi-layer, many requests per call, λ·C regularised least squares in f64.
 //! AlphaEdit and causal tracing are not implemented yet.
 
-pub mod adam;
 pub mod hparams;
 pub mod linalg;
 pub mod memit;

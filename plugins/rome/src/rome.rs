@@ -11,9 +11,9 @@ use kedit_plugin_api::{
 };
 use serde::Serialize;
 
-use crate::adam::Adam;
 use crate::hparams::RomeHparams;
 use crate::linalg::{dot, norm};
+use kedit_optim::Adam;
 
 /// A request in ROME's terms.
 #[derive(Clone, Debug)]

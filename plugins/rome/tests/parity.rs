@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use kedit_editor_rome::{adam::Adam, hparams::RomeHparams, rome::LayerTrace, RomeEditor};
+use kedit_editor_rome::{hparams::RomeHparams, rome::LayerTrace, RomeEditor};
+use kedit_optim::Adam;
 use kedit_plugin_api::{
     abi_stable::sabi_trait::TD_Opaque, Batch, EditRequest, ForwardRequest, LogitsWanted,
     ModelClient, OpenRequest, Padding, Progress, Progress_TO,

@@ -1,4 +1,4 @@
-//! Adam exactly as `torch.optim.Adam` computes it (L2 weight decay added to the gradient, bias
+//! Optimisers for editor plugins. Adam exactly as `torch.optim.Adam` computes it (L2 weight decay added to the gradient, bias
 //! corrections folded into the step size and the denominator).
 
 pub struct Adam {
