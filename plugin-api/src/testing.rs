@@ -20,3 +20,43 @@ pub fn real_model(env: &str, name: &str) -> PathBuf {
     );
     path
 }
+
+/// Opens `checkpoint` through the built model-family plugin `lib_name` (e.g.
+/// `kedit_model_llama`) in `<workspace>/target/release`, exactly as the host would: editor tests
+/// then exercise the real ABI rather than a linked-in copy of the family.
+pub fn open_with_plugin(
+    workspace: &std::path::Path,
+    lib_name: &str,
+    checkpoint: &std::path::Path,
+) -> crate::ModelBox {
+    let lib = workspace.join("target/release").join(format!(
+        "{}{lib_name}{}",
+        std::env::consts::DLL_PREFIX,
+        std::env::consts::DLL_SUFFIX
+    ));
+    assert!(
+        lib.exists(),
+        "{} is missing: run `cargo build --release --workspace` first (the README's test command does)",
+        lib.display()
+    );
+    let (module, _) = crate::plugin::load_from_path(&lib)
+        .unwrap_or_else(|e| panic!("loading {}: {e}", lib.display()));
+    let open = module.open_model();
+    open(&crate::OpenRequest {
+        path: checkpoint.to_string_lossy().as_ref().into(),
+        family: None.into(),
+        device: "cpu".into(),
+        options_json: "{}".into(),
+    })
+    .into_result()
+    .unwrap_or_else(|e| panic!("opening {}: {e}", checkpoint.display()))
+}
+
+/// A progress sink that never asks to stop and prints nothing.
+pub struct QuietProgress;
+
+impl crate::Progress for QuietProgress {
+    fn report(&mut self, _: u64, _: u64, _: abi_stable::std_types::RStr<'_>) -> bool {
+        true
+    }
+}

@@ -7,47 +7,13 @@ use std::path::PathBuf;
 use kedit_editor_ft::{ft, hparams::FtHparams};
 use kedit_plugin_api::{
     abi_stable::sabi_trait::TD_Opaque, Batch, EditRequest, ForwardRequest, LogitsWanted,
-    ModelClient, OpenRequest, Padding, Progress, Progress_TO, Tensor,
+    ModelClient, Padding, Progress_TO, Tensor,
 };
 use safetensors::SafeTensors;
 use serde_json::Value;
 
 fn shared() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared"))
-}
-
-/// Opens a checkpoint through the built LLaMA plugin, exactly as the host would.
-fn open_llama(path: &std::path::Path) -> kedit_plugin_api::ModelBox {
-    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
-    let lib = root.join("target/release/libkedit_model_llama.so");
-    assert!(
-        lib.exists(),
-        "{} is missing: run `cargo build --release --workspace` first (the README's test command does)",
-        lib.display()
-    );
-    let (module, _) = kedit_plugin_api::plugin::load_from_path(&lib)
-        .unwrap_or_else(|e| panic!("loading {}: {e}", lib.display()));
-    let open = module.open_model();
-    open(&OpenRequest {
-        path: path.to_string_lossy().as_ref().into(),
-        family: None.into(),
-        device: "cpu".into(),
-        options_json: "{}".into(),
-    })
-    .into_result()
-    .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
-}
-
-struct Quiet;
-impl Progress for Quiet {
-    fn report(
-        &mut self,
-        _: u64,
-        _: u64,
-        _: kedit_plugin_api::abi_stable::std_types::RStr<'_>,
-    ) -> bool {
-        true
-    }
 }
 
 fn tensors(bytes: &[u8]) -> HashMap<String, Vec<f64>> {
@@ -130,10 +96,11 @@ fn ft_l_matches_easyedit_step_by_step_on_smollm2() {
     let bytes = std::fs::read(dir.join("ft.safetensors")).unwrap();
     let want = tensors(&bytes);
 
-    let mut model = open_llama(&kedit_plugin_api::testing::real_model(
-        "KEDIT_SMOLLM2_GGUF",
-        "smollm2-135m-instruct",
-    ));
+    let mut model = kedit_plugin_api::testing::open_with_plugin(
+        &workspace(),
+        "kedit_model_llama",
+        &kedit_plugin_api::testing::real_model("KEDIT_SMOLLM2_GGUF", "smollm2-135m-instruct"),
+    );
     let mut client = ModelClient::new(model.sabi_reborrow_mut());
 
     let req = &meta["request"];
@@ -176,7 +143,7 @@ fn ft_l_matches_easyedit_step_by_step_on_smollm2() {
         &want["locality.pre.top20_logits"],
     );
 
-    let mut quiet = Quiet;
+    let mut quiet = kedit_plugin_api::testing::QuietProgress;
     let mut progress = Progress_TO::from_ptr(&mut quiet, TD_Opaque);
     let trace = ft::run(&mut client, &[request], &hp, &mut progress).unwrap();
 
@@ -268,4 +235,8 @@ fn ft_l_matches_easyedit_step_by_step_on_smollm2() {
         &want["locality.post.top20_ids"],
         &want["locality.post.top20_logits"],
     );
+}
+
+fn workspace() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
 }

@@ -6,41 +6,14 @@ use std::path::PathBuf;
 use kedit_editor_rome::{hparams, RomeEditor};
 use kedit_plugin_api::{
     abi_stable::sabi_trait::TD_Opaque, Batch, EditRequest, ForwardRequest, LogitsWanted,
-    ModelClient, OpenRequest, Padding, Progress, Progress_TO,
+    ModelClient, Padding, Progress_TO,
 };
 use serde_json::Value;
 
 fn open_smollm2() -> kedit_plugin_api::ModelBox {
     let path = kedit_plugin_api::testing::real_model("KEDIT_SMOLLM2_GGUF", "smollm2-135m-instruct");
-    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
-    let lib = root.join("target/release/libkedit_model_llama.so");
-    assert!(
-        lib.exists(),
-        "{} is missing: build the workspace first",
-        lib.display()
-    );
-    let (module, _) = kedit_plugin_api::plugin::load_from_path(&lib).unwrap();
-    let open = module.open_model();
-    open(&OpenRequest {
-        path: path.to_string_lossy().as_ref().into(),
-        family: None.into(),
-        device: "cpu".into(),
-        options_json: "{}".into(),
-    })
-    .into_result()
-    .unwrap()
-}
-
-struct Quiet;
-impl Progress for Quiet {
-    fn report(
-        &mut self,
-        _: u64,
-        _: u64,
-        _: kedit_plugin_api::abi_stable::std_types::RStr<'_>,
-    ) -> bool {
-        true
-    }
+    let workspace = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
+    kedit_plugin_api::testing::open_with_plugin(&workspace, "kedit_model_llama", &path)
 }
 
 fn corpus() -> String {
@@ -122,7 +95,7 @@ fn memit_edits_two_facts_at_once_and_undoes_exactly() {
         .map(|s| client.read_weight(s).unwrap())
         .collect();
     let mark = client.journal_mark().unwrap();
-    let mut quiet = Quiet;
+    let mut quiet = kedit_plugin_api::testing::QuietProgress;
     let mut progress = Progress_TO::from_ptr(&mut quiet, TD_Opaque);
     let (_, trace, stats) = RomeEditor::default()
         .run_memit(&mut client, &requests, &hp, &mut progress)

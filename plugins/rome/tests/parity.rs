@@ -8,7 +8,7 @@ use kedit_editor_rome::{hparams::RomeHparams, rome::LayerTrace, RomeEditor};
 use kedit_optim::Adam;
 use kedit_plugin_api::{
     abi_stable::sabi_trait::TD_Opaque, Batch, EditRequest, ForwardRequest, LogitsWanted,
-    ModelClient, OpenRequest, Padding, Progress, Progress_TO,
+    ModelClient, Padding, Progress_TO,
 };
 use safetensors::SafeTensors;
 use serde_json::Value;
@@ -17,45 +17,12 @@ fn shared() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared"))
 }
 
-/// Opens a checkpoint through the built LLaMA plugin, exactly as the host would.
-fn open_llama(path: &std::path::Path) -> kedit_plugin_api::ModelBox {
-    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
-    let lib = root.join("target/release/libkedit_model_llama.so");
-    assert!(
-        lib.exists(),
-        "{} is missing: run `cargo build --release --workspace` first (the README's test command does)",
-        lib.display()
-    );
-    let (module, _) = kedit_plugin_api::plugin::load_from_path(&lib)
-        .unwrap_or_else(|e| panic!("loading {}: {e}", lib.display()));
-    let open = module.open_model();
-    open(&OpenRequest {
-        path: path.to_string_lossy().as_ref().into(),
-        family: None.into(),
-        device: "cpu".into(),
-        options_json: "{}".into(),
-    })
-    .into_result()
-    .unwrap_or_else(|e| panic!("opening {}: {e}", path.display()))
-}
-
 fn smollm2() -> kedit_plugin_api::ModelBox {
-    open_llama(&kedit_plugin_api::testing::real_model(
-        "KEDIT_SMOLLM2_GGUF",
-        "smollm2-135m-instruct",
-    ))
-}
-
-struct Quiet;
-impl Progress for Quiet {
-    fn report(
-        &mut self,
-        _: u64,
-        _: u64,
-        _: kedit_plugin_api::abi_stable::std_types::RStr<'_>,
-    ) -> bool {
-        true
-    }
+    kedit_plugin_api::testing::open_with_plugin(
+        &workspace(),
+        "kedit_model_llama",
+        &kedit_plugin_api::testing::real_model("KEDIT_SMOLLM2_GGUF", "smollm2-135m-instruct"),
+    )
 }
 
 fn tensors(bytes: &[u8]) -> HashMap<String, Vec<f64>> {
@@ -393,7 +360,7 @@ fn run_one(
     hp: &RomeHparams,
     request: &EditRequest,
 ) -> LayerTrace {
-    let mut quiet = Quiet;
+    let mut quiet = kedit_plugin_api::testing::QuietProgress;
     let mut progress = Progress_TO::from_ptr(&mut quiet, TD_Opaque);
     let (_, mut traces, _) = editor
         .run_rome(client, std::slice::from_ref(request), hp, &mut progress)
@@ -476,7 +443,7 @@ fn key_statistics_and_rome_with_c_match_easyedit() {
     let mut client = ModelClient::new(model.sabi_reborrow_mut());
     let hp = fixture_hparams(true);
     let mut editor = RomeEditor::default();
-    let mut quiet = Quiet;
+    let mut quiet = kedit_plugin_api::testing::QuietProgress;
     let mut progress = Progress_TO::from_ptr(&mut quiet, TD_Opaque);
     let mut reports = Vec::new();
     let s = editor
@@ -532,4 +499,8 @@ fn key_statistics_and_rome_with_c_match_easyedit() {
     assert!(cos >= 0.99999, "u vs the f64 solve: cosine {cos}");
     assert!(check_trace("r0", &t, j, &want, true, Mode::Free));
     check_logits("r0", &client, &want, "post");
+}
+
+fn workspace() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
 }
