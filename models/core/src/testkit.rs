@@ -603,6 +603,137 @@ pub fn check_directional(what: &str, analytic: f64, plus: f64, minus: f64, eps: 
     );
 }
 
+/// Gradient calls on a prepared batch over frozen prefixes (each row's positions before its
+/// first intervention and loss slot computed once, keys and values cached) give the same loss,
+/// parameter gradients and last-token logits as whole-row calls, on a right-padded batch whose
+/// rows freeze different numbers of positions; the model reports which path each call took;
+/// a weight change disables the frozen prefix for the handle and results stay right.
+pub fn check_frozen_prefix(model: &mut impl Model, d_model: usize) {
+    let batch = Batch::new(
+        vec![
+            vec![299, 473, 151, 503, 475, 220, 37, 429, 214],
+            vec![292, 436, 342, 86, 406, 435],
+            vec![11, 250, 97, 310, 64, 128, 401],
+        ],
+        Padding::Right,
+    );
+    // δ at different positions per row at layer 1, and a second parameter further up.
+    let firsts = [3usize, 1, 4];
+    let mut f = ForwardRequest::new(batch.clone(), LogitsWanted::Last);
+    let mut ivs: Vec<Intervention> = firsts
+        .iter()
+        .enumerate()
+        .map(|(r, &p)| Intervention::add_param("layer.1.mlp_out", r, p, 0))
+        .collect();
+    ivs.push(Intervention::add_param("layer.2.resid_pre", 0, 6, 1));
+    f.interventions = ivs.into();
+    f.params = vec![
+        Tensor::new(&[d_model], pseudo_random(31, d_model, 0.5)).unwrap(),
+        Tensor::new(&[d_model], pseudo_random(32, d_model, 0.5)).unwrap(),
+    ]
+    .into();
+    let reference: Vec<f32> = log_softmax(&pseudo_random(9, 512, 2.0))
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    let nll = |row: u32, position: u32, token: u32, weight: f32| NllTerm {
+        row,
+        position,
+        token,
+        weight,
+    };
+    let req = |prepared: Option<u64>| GradRequest {
+        forward: f.clone(),
+        nll: vec![
+            nll(0, 7, 429, 1.0),
+            nll(0, 8, 17, 0.5),
+            nll(1, 4, 3, 2.0),
+            nll(1, 5, 311, -0.25),
+            nll(2, 6, 77, 1.0),
+        ]
+        .into(),
+        kl: vec![KlTerm {
+            row: 2,
+            position: 5,
+            ref_logprobs: Tensor::vector(reference.clone()),
+            weight: 0.7,
+        }]
+        .into(),
+        site_grads: Default::default(),
+        prepared: prepared.into(),
+    };
+    let paths = |model: &mut dyn FnMut() -> String| {
+        let v: serde_json::Value = serde_json::from_str(&model()).unwrap();
+        (
+            v["frozen_prefix"].as_u64().unwrap(),
+            v["prepared"].as_u64().unwrap(),
+        )
+    };
+    let whole = model.gradient(&req(None)).unwrap();
+    let handle = model.prepare(&batch, 1).unwrap();
+    let close = |what: &str, got: &GradOutput| {
+        let rel = ((got.loss - whole.loss) / whole.loss).abs();
+        assert!(rel < 1e-5, "{what}: loss {} vs {}", got.loss, whole.loss);
+        for (k, (a, b)) in whole
+            .param_grads
+            .iter()
+            .zip(got.param_grads.iter())
+            .enumerate()
+        {
+            let scale = a.as_slice().iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(scale > 0.0, "{what}: parameter {k} has a zero gradient");
+            let d = max_abs_diff(a.as_slice(), b.as_slice());
+            assert!(
+                d <= 1e-4 * scale,
+                "{what}: parameter {k} gradient differs by {d} (scale {scale})"
+            );
+        }
+        let (a, b) = (
+            whole.forward.logits.as_ref().unwrap(),
+            got.forward.logits.as_ref().unwrap(),
+        );
+        assert_eq!(a.dims(), b.dims(), "{what}: logits shape");
+        let d = max_abs_diff(a.as_slice(), b.as_slice());
+        assert!(d < 1e-4, "{what}: last-token logits differ by {d}");
+        for (x, y) in whole.nll_logprobs.iter().zip(got.nll_logprobs.iter()) {
+            assert!((x - y).abs() < 1e-4, "{what}: log-probabilities {x} vs {y}");
+        }
+    };
+    let (f0, p0) = paths(&mut || model.extension("gradient_paths", "").unwrap());
+    // The first call builds the prefixes, the second reuses them.
+    for what in ["building", "reusing"] {
+        let got = model.gradient(&req(Some(handle))).unwrap();
+        close(what, &got);
+    }
+    let (f1, p1) = paths(&mut || model.extension("gradient_paths", "").unwrap());
+    assert_eq!(
+        (f1 - f0, p1 - p0),
+        (2, 0),
+        "both calls use the frozen prefixes"
+    );
+
+    // A capture needs whole rows: the plain prepared path answers.
+    let mut with_capture = req(Some(handle));
+    with_capture.forward.captures = vec!["layer.2.mlp_out".into()].into();
+    close("capturing", &model.gradient(&with_capture).unwrap());
+    let (f2, p2) = paths(&mut || model.extension("gradient_paths", "").unwrap());
+    assert_eq!((f2 - f1, p2 - p1), (0, 1));
+
+    // A weight write above the prepared layer (the same values) keeps the handle valid but
+    // retires its frozen prefixes.
+    let mark = model.journal_mark().unwrap();
+    let w = model.read_weight("layer.2.mlp.down").unwrap();
+    model.write_weight("layer.2.mlp.down", &w).unwrap();
+    close(
+        "after a write",
+        &model.gradient(&req(Some(handle))).unwrap(),
+    );
+    let (f3, p3) = paths(&mut || model.extension("gradient_paths", "").unwrap());
+    assert_eq!((f3 - f2, p3 - p2), (0, 1));
+    model.journal_rollback(mark).unwrap();
+    model.release(handle).unwrap();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Export.
 

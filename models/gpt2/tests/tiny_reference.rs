@@ -134,6 +134,11 @@ fn site_gradients_give_weight_gradients_that_match_finite_differences() {
 }
 
 #[test]
+fn frozen_prefixes_give_the_same_gradients_as_whole_rows() {
+    check_frozen_prefix(&mut tiny(), 64);
+}
+
+#[test]
 fn export_writes_gpt2_conv1d_tensors_that_reload_to_the_same_logits() {
     let mut model = tiny();
     let (_guard, out) =

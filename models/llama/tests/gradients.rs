@@ -127,6 +127,11 @@ fn prepared_batches_give_the_same_gradients() {
 }
 
 #[test]
+fn frozen_prefixes_give_the_same_gradients_as_whole_rows() {
+    kedit_model_core::testkit::check_frozen_prefix(&mut tiny_llama(), 64);
+}
+
+#[test]
 fn gradients_through_a_left_padded_batch_are_finite_and_match_the_unpadded_row() {
     let model = tiny_llama();
     let row = vec![292u32, 436, 342, 86, 406, 435];

@@ -123,6 +123,14 @@ fn site_gradients_give_weight_gradients_that_match_finite_differences() {
 }
 
 #[test]
+fn frozen_prefixes_give_the_same_gradients_as_whole_rows() {
+    for f in FAMILIES {
+        eprintln!("--- {f}");
+        check_frozen_prefix(&mut tiny(f), 64);
+    }
+}
+
+#[test]
 fn export_writes_hf_checkpoints_that_reload_to_the_same_logits() {
     // Qwen3's q_norm makes q's scale irrelevant: edit v there.
     for (f, site) in [("qwen2", "layer.1.attn.q"), ("qwen3", "layer.1.attn.v")] {

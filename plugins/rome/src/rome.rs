@@ -308,7 +308,20 @@ pub fn compute_v(
     let result = (|| {
         let mut delta = vec![0f32; d_model];
         let mut adam = Adam::new(d_model, hp.v_lr, 0.0);
-        let mut target_init: Vec<f32> = Vec::new();
+        // The value site's output at the first row's subject token before any change. A
+        // separate short forward (that row up to the subject, only up to the edit layer) rather
+        // than a capture in the first gradient call, which would then need whole rows.
+        let target_init = {
+            let at = rows.lookup[0];
+            let head = rows.tokens[0][..=at].to_vec();
+            let mut fwd =
+                ForwardRequest::new(Batch::new(vec![head], Padding::Right), LogitsWanted::None);
+            fwd.captures = vec![value_site.as_str().into()].into();
+            let out = model.forward(&fwd)?;
+            let cap = &out.captures[0];
+            let width = cap.dims()[2];
+            cap.as_slice()[at * width..(at + 1) * width].to_vec()
+        };
         let mut init_logp: Option<Vec<f64>> = None;
         let mut out = VResult {
             target_init: Vec::new(),
@@ -375,9 +388,6 @@ pub fn compute_v(
             let mut fwd = ForwardRequest::new(batch.clone(), LogitsWanted::None);
             fwd.interventions = interventions.clone().into();
             fwd.params = vec![param].into();
-            if it == 0 {
-                fwd.captures = vec![value_site.as_str().into()].into();
-            }
             let mut terms = nll_terms.clone();
             terms.extend(kl_terms);
             let o = model.gradient(&GradRequest {
@@ -387,13 +397,6 @@ pub fn compute_v(
                 site_grads: Default::default(),
                 prepared: Some(handle).into(),
             })?;
-            if it == 0 {
-                let cap = &o.forward.captures[0];
-                let (seq, width) = (cap.dims()[1], cap.dims()[2]);
-                let at = rows.lookup[0];
-                target_init = cap.as_slice()[at * width..(at + 1) * width].to_vec();
-                debug_assert!(at < seq);
-            }
             let ti_norm = norm(&target_init);
             let lps = &o.nll_logprobs[..n_nll];
             let mut nll = 0f64;

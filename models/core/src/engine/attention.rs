@@ -139,6 +139,7 @@ mod tests {
             offsets: vec![2],
             lengths: vec![3],
             past: 0,
+            past_pads: vec![0],
         };
         let mask = layout.attention_mask(&dev).unwrap();
         let has_key = layout.query_has_key(&dev).unwrap();

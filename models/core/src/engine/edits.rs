@@ -94,6 +94,26 @@ impl InterventionPlan {
         self.by_site.is_empty()
     }
 
+    /// The earliest position any intervention touches in each of `rows` rows (`None` for a row
+    /// without one).
+    pub fn first_positions(&self, rows: usize) -> Vec<Option<usize>> {
+        let mut first = vec![None; rows];
+        for e in self.by_site.values().flatten() {
+            let f: &mut Option<usize> = &mut first[e.row];
+            *f = Some(f.map_or(e.pos, |p| p.min(e.pos)));
+        }
+        first
+    }
+
+    /// Moves every intervention of row r `shift[r]` positions to the left (for a call that
+    /// starts after a cached prefix). Every position must lie at or after its row's shift.
+    pub fn shift_left(&mut self, shift: &[usize]) {
+        for e in self.by_site.values_mut().flatten() {
+            debug_assert!(e.pos >= shift[e.row]);
+            e.pos -= shift[e.row];
+        }
+    }
+
     /// Builds the per-site edits with `params` as the tensors of the request's parameters
     /// (plain tensors for inference, variables for a gradient).
     pub fn materialize(

@@ -3,6 +3,7 @@
 
 use candle_core::Tensor;
 
+#[derive(Clone)]
 pub struct KvCache {
     /// Per layer: keys and values after RoPE, `[batch, kv_heads, cached, head_dim]`.
     layers: Vec<Option<(Tensor, Tensor)>>,

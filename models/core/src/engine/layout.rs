@@ -15,8 +15,13 @@ pub struct RowLayout {
     pub offsets: Vec<usize>,
     /// Real tokens of each row in this call.
     pub lengths: Vec<usize>,
-    /// Tokens already in the KV cache (generation); the new ones continue their positions.
+    /// Tokens already in the KV cache (generation, frozen prefixes); the new ones continue
+    /// their positions.
     pub past: usize,
+    /// Per row, how many of the `past` cached slots are left pads (a frozen prefix caches rows
+    /// of different lengths left-aligned to one width); a row's real cached tokens are the last
+    /// `past − past_pads[r]`.
+    pub past_pads: Vec<usize>,
 }
 
 impl RowLayout {
@@ -34,6 +39,7 @@ impl RowLayout {
             batch: batch.rows.len(),
             seq,
             offsets,
+            past_pads: vec![0; batch.rows.len()],
             lengths,
             past: 0,
         })
@@ -47,7 +53,47 @@ impl RowLayout {
             offsets: vec![0],
             lengths: vec![len],
             past,
+            past_pads: vec![0],
         }
+    }
+
+    /// Rows of `lengths` real tokens each, left-padded to the longest (a row may be empty: it
+    /// is all pads). No cache before them.
+    pub fn left_aligned(lengths: Vec<usize>) -> Self {
+        let seq = lengths.iter().copied().max().unwrap_or(0);
+        Self {
+            batch: lengths.len(),
+            seq,
+            offsets: lengths.iter().map(|&n| seq - n).collect(),
+            past_pads: vec![0; lengths.len()],
+            lengths,
+            past: 0,
+        }
+    }
+
+    /// Right-padded rows of `lengths` new tokens each, continuing a cache of `past` slots of
+    /// which row r's first `past_pads[r]` are pads.
+    pub fn continuing(lengths: Vec<usize>, past: usize, past_pads: Vec<usize>) -> Self {
+        Self {
+            batch: lengths.len(),
+            seq: lengths.iter().copied().max().unwrap_or(0),
+            offsets: vec![0; lengths.len()],
+            lengths,
+            past,
+            past_pads,
+        }
+    }
+
+    /// Token ids `[batch, seq]` of `rows` (row r holding exactly `lengths[r]` ids) placed at
+    /// this layout's real slots, `pad` elsewhere.
+    pub fn place_ids(&self, rows: &[&[u32]], pad: u32, device: &Device) -> Result<Tensor> {
+        let mut ids = vec![pad; self.batch * self.seq];
+        for (r, row) in rows.iter().enumerate() {
+            debug_assert_eq!(row.len(), self.lengths[r]);
+            let start = r * self.seq + self.offsets[r];
+            ids[start..start + row.len()].copy_from_slice(row);
+        }
+        Ok(Tensor::from_vec(ids, (self.batch, self.seq), device)?)
     }
 
     pub fn is_padded(&self) -> bool {
@@ -81,21 +127,19 @@ impl RowLayout {
 
     /// Token ids `[batch, seq]` with `pad` in the padded slots.
     pub fn ids(&self, batch: &Batch, pad: u32, device: &Device) -> Result<Tensor> {
-        let mut ids = vec![pad; self.batch * self.seq];
-        for (r, row) in batch.rows.iter().enumerate() {
-            let start = r * self.seq + self.offsets[r];
-            ids[start..start + row.len()].copy_from_slice(row);
-        }
-        Ok(Tensor::from_vec(ids, (self.batch, self.seq), device)?)
+        let rows: Vec<&[u32]> = batch.rows.iter().map(|r| r.as_slice()).collect();
+        self.place_ids(&rows, pad, device)
     }
 
-    /// Position of every slot, row-major: real token i of a row is at `past + i`; pads get 0
-    /// (they are masked, so any finite position does).
+    /// Position of every slot, row-major: real token i of a row follows the row's real cached
+    /// tokens (`past − past_pads[r] + i`); pads get 0 (they are masked, so any finite position
+    /// does).
     pub fn positions(&self) -> Vec<u32> {
         let mut pos = vec![0u32; self.batch * self.seq];
         for r in 0..self.batch {
+            let first = self.past - self.past_pads[r];
             for i in 0..self.lengths[r] {
-                pos[r * self.seq + self.offsets[r] + i] = (self.past + i) as u32;
+                pos[r * self.seq + self.offsets[r] + i] = (first + i) as u32;
             }
         }
         pos
@@ -105,7 +149,7 @@ impl RowLayout {
     /// (j not after i, j a real token), a large negative number elsewhere. `None` when nothing
     /// needs masking (a single new token without padding).
     pub fn attention_mask(&self, device: &Device) -> Result<Option<Tensor>> {
-        if self.seq == 1 && !self.is_padded() {
+        if self.seq == 1 && !self.is_padded() && self.past_pads.iter().all(|&p| p == 0) {
             return Ok(None);
         }
         // Finite rather than −inf, so that a query with no visible key (a left pad) gives a
@@ -114,7 +158,13 @@ impl RowLayout {
         let keys = self.past + self.seq;
         let mut mask = vec![MASKED; self.batch * self.seq * keys];
         for r in 0..self.batch {
-            let key_real = |j: usize| j < self.past || self.is_real(r, j - self.past);
+            let key_real = |j: usize| {
+                if j < self.past {
+                    j >= self.past_pads[r]
+                } else {
+                    self.is_real(r, j - self.past)
+                }
+            };
             for i in 0..self.seq {
                 let row = &mut mask[(r * self.seq + i) * keys..(r * self.seq + i + 1) * keys];
                 for (j, m) in row.iter_mut().enumerate().take(self.past + i + 1) {

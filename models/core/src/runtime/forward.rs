@@ -29,7 +29,7 @@ impl<A: Architecture> Runtime<A> {
                 dims.check_token(&format!("batch row {r}"), id)?;
             }
         }
-        let pad = self.text.pad.unwrap_or(0).min(dims.vocab_size as u32 - 1);
+        let pad = self.pad_id();
         let ids = layout.ids(&req.batch, pad, &self.device)?;
         let captures = req
             .captures

@@ -7,6 +7,7 @@
 //! values are computed on the host in f64.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 
 use candle_core::{Tensor, Var};
 use kedit_plugin_api::{
@@ -16,6 +17,8 @@ use kedit_plugin_api::{
 use super::{Prepared, Runtime, Start};
 use crate::arch::Architecture;
 use crate::device::{from_abi, to_abi};
+use crate::engine::edits::SiteEdit;
+use crate::engine::kv_cache::KvCache;
 use crate::engine::layout::RowLayout;
 use crate::engine::ops::log_softmax_last_dim;
 use crate::engine::{Pass, Path};
@@ -84,6 +87,22 @@ impl LossPlan {
         Ok(Self { slots, nll, kl })
     }
 
+    /// (row, position) of every slot.
+    fn positions(&self, seq: usize) -> Vec<(usize, usize)> {
+        self.slots
+            .iter()
+            .map(|&f| (f as usize / seq, f as usize % seq))
+            .collect()
+    }
+
+    /// Moves row r's slots `shift[r]` positions left, into a call of `new_seq` positions.
+    fn shift_left(&mut self, shift: &[usize], seq: usize, new_seq: usize) {
+        for f in self.slots.iter_mut() {
+            let (r, p) = (*f as usize / seq, *f as usize % seq);
+            *f = (r * new_seq + p - shift[r]) as u32;
+        }
+    }
+
     /// `C` as a host buffer `[slots, vocab]`.
     fn coefficients(&self, vocab: usize) -> Vec<f32> {
         let mut c = vec![0f32; self.slots.len() * vocab];
@@ -121,6 +140,18 @@ impl LossPlan {
         }
         (nll, kl, logprobs)
     }
+}
+
+/// One differentiable pass: where it starts, what it changes and records, and its loss.
+struct GradientPass {
+    layout: RowLayout,
+    start: Start,
+    edits: HashMap<ActSite, SiteEdit>,
+    captures: Vec<ActSite>,
+    taps: Vec<WeightSite>,
+    loss_plan: LossPlan,
+    /// Keys and values of frozen prefixes the pass continues.
+    cache: Option<KvCache>,
 }
 
 /// Whether `site` lies below a prepared layer (computed once, so it cannot be changed).
@@ -166,6 +197,7 @@ impl<A: Architecture> Runtime<A> {
                 from_layer,
                 resid,
                 epoch: self.epochs.below(from_layer),
+                frozen: Default::default(),
             },
         );
         Ok(handle)
@@ -269,8 +301,8 @@ impl<A: Architecture> Runtime<A> {
         let fwd = &req.forward;
         let dims = self.arch.dims();
         let vocab = dims.vocab_size;
-        let parsed = self.parse_forward(fwd)?;
-        let loss_plan = LossPlan::parse(req, &parsed.layout, vocab)?;
+        let mut parsed = self.parse_forward(fwd)?;
+        let mut loss_plan = LossPlan::parse(req, &parsed.layout, vocab)?;
         let taps = req
             .site_grads
             .iter()
@@ -296,28 +328,115 @@ impl<A: Architecture> Runtime<A> {
             })
             .collect::<Result<Vec<_>>>()?;
         let param_tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+
+        let Some(handle) = req.prepared.into_option() else {
+            self.gradient_paths.full.fetch_add(1, Ordering::Relaxed);
+            let edits = parsed
+                .plan
+                .materialize(&param_tensors, &parsed.layout, &self.device)?;
+            let start = Start::Embeddings {
+                ids: parsed.ids,
+                noise: parsed.noise,
+            };
+            return self.run_gradient(
+                req,
+                &vars,
+                GradientPass {
+                    layout: parsed.layout,
+                    start,
+                    edits,
+                    captures: parsed.captures,
+                    taps,
+                    loss_plan,
+                    cache: None,
+                },
+            );
+        };
+        let start = self.prepared_start(handle, req, &taps, &parsed.captures)?;
+        let prepared = &self.prepared[&handle];
+        let cuts = self.frozen_prefix_cuts(
+            req,
+            &parsed.plan,
+            &parsed.layout,
+            &loss_plan.positions(parsed.layout.seq),
+        );
+        if let Some(frozen) = match cuts {
+            Some(cuts) => self.frozen_prefix(prepared, cuts)?,
+            None => None,
+        } {
+            self.gradient_paths
+                .frozen_prefix
+                .fetch_add(1, Ordering::Relaxed);
+            parsed.plan.shift_left(&frozen.cuts);
+            loss_plan.shift_left(&frozen.cuts, parsed.layout.seq, frozen.layout.seq);
+            let edits = parsed
+                .plan
+                .materialize(&param_tensors, &frozen.layout, &self.device)?;
+            return self.run_gradient(
+                req,
+                &vars,
+                GradientPass {
+                    layout: frozen.layout.clone(),
+                    start: Start::Resid {
+                        layer: prepared.from_layer,
+                        h: frozen.resid.clone(),
+                    },
+                    edits,
+                    captures: Vec::new(),
+                    taps,
+                    loss_plan,
+                    cache: Some(frozen.cache.clone()),
+                },
+            );
+        }
+        self.gradient_paths.prepared.fetch_add(1, Ordering::Relaxed);
         let edits = parsed
             .plan
             .materialize(&param_tensors, &parsed.layout, &self.device)?;
-
-        let start = match req.prepared.into_option() {
-            Some(handle) => self.prepared_start(handle, req, &taps, &parsed.captures)?,
-            None => Start::Embeddings {
-                ids: parsed.ids,
-                noise: parsed.noise,
+        self.run_gradient(
+            req,
+            &vars,
+            GradientPass {
+                layout: parsed.layout,
+                start,
+                edits,
+                captures: parsed.captures,
+                taps,
+                loss_plan,
+                cache: None,
             },
-        };
-        let layout = parsed.layout;
+        )
+    }
+
+    /// Runs one differentiable pass and the backward of its loss.
+    fn run_gradient(
+        &self,
+        req: &GradRequest,
+        vars: &[Var],
+        call: GradientPass,
+    ) -> Result<GradOutput> {
+        let fwd = &req.forward;
+        let dims = self.arch.dims();
+        let vocab = dims.vocab_size;
+        let GradientPass {
+            layout,
+            start,
+            edits,
+            captures,
+            taps,
+            loss_plan,
+            mut cache,
+        } = call;
         let mut pass = Pass::new(
             Path::Gradient,
             &self.weights,
             &self.modules,
             layout.clone(),
-            None,
+            cache.as_mut(),
             &self.device,
         )?
         .with_edits(edits)
-        .with_captures(parsed.captures.iter().copied())
+        .with_captures(captures.iter().copied())
         .with_taps(taps.iter().copied());
 
         let h = self.run_blocks(&mut pass, start, dims.n_layers)?;
@@ -393,7 +512,7 @@ impl<A: Architecture> Runtime<A> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let captures = outputs.captures(&parsed.captures)?;
+        let captures = outputs.captures(&captures)?;
 
         Ok(GradOutput {
             loss: loss as f32,

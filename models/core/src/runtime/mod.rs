@@ -8,9 +8,12 @@ mod forward;
 mod generate;
 mod grad;
 mod model_impl;
+mod prefix;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
 
 use candle_core::{Device, Tensor};
 use kedit_plugin_api::{ActSite, Batch, WeightSite};
@@ -58,6 +61,11 @@ impl Epochs {
     fn below(&self, layer: usize) -> u64 {
         self.0[..=layer].iter().sum()
     }
+
+    /// Changes anywhere in the blocks or the embedding.
+    fn total(&self) -> u64 {
+        self.0.iter().sum()
+    }
 }
 
 /// A batch whose residual stream entering `from_layer` was computed once.
@@ -66,6 +74,17 @@ struct Prepared {
     from_layer: usize,
     resid: Tensor,
     epoch: u64,
+    /// The batch's frozen prefixes (see [`prefix`]), built by the first gradient call that can
+    /// use them.
+    frozen: Mutex<prefix::FrozenState>,
+}
+
+/// How many gradient calls took which path (for `extension("gradient_paths")`).
+#[derive(Default)]
+struct GradientPaths {
+    full: AtomicU64,
+    prepared: AtomicU64,
+    frozen_prefix: AtomicU64,
 }
 
 pub struct Runtime<A: Architecture> {
@@ -76,6 +95,7 @@ pub struct Runtime<A: Architecture> {
     epochs: Epochs,
     prepared: HashMap<u64, Prepared>,
     next_handle: u64,
+    gradient_paths: GradientPaths,
     text: TextCodec,
     source: Source,
     device: Device,
@@ -106,6 +126,7 @@ impl<A: Architecture> Runtime<A> {
             epochs: Epochs::new(n_layers),
             prepared: HashMap::new(),
             next_handle: 0,
+            gradient_paths: GradientPaths::default(),
             text,
             source,
             device,
@@ -130,6 +151,12 @@ impl<A: Architecture> Runtime<A> {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The id that fills padded slots (masked, so any valid id does).
+    fn pad_id(&self) -> u32 {
+        let vocab = self.arch.dims().vocab_size as u32;
+        self.text.pad.unwrap_or(0).min(vocab - 1)
     }
 
     /// Runs the embedding (for [`Start::Embeddings`]) and blocks up to, not including, `end`.

@@ -5,6 +5,8 @@ use kedit_plugin_api::{
     Model, ModelFacts, PluginError, SiteModuleBox, Tensor as AbiTensor,
 };
 
+use std::sync::atomic::Ordering;
+
 use super::Runtime;
 use crate::arch::Architecture;
 use crate::device::device_name;
@@ -111,5 +113,25 @@ impl<A: Architecture> Model for Runtime<A> {
 
     fn export(&self, dir: &str) -> Result<(), PluginError> {
         Ok(self.export_impl(dir)?)
+    }
+
+    /// `gradient_paths`: how many gradient calls ran whole rows (`full`), from a prepared
+    /// layer (`prepared`) or over frozen prefixes (`frozen_prefix`), as JSON.
+    fn extension(&mut self, name: &str, _payload: &str) -> Result<String, PluginError> {
+        match name {
+            "gradient_paths" => {
+                let p = &self.gradient_paths;
+                let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+                Ok(format!(
+                    r#"{{"full":{},"prepared":{},"frozen_prefix":{}}}"#,
+                    n(&p.full),
+                    n(&p.prepared),
+                    n(&p.frozen_prefix)
+                ))
+            }
+            _ => Err(PluginError::unsupported(format!(
+                "this model has no extension '{name}' (known: gradient_paths)"
+            ))),
+        }
     }
 }

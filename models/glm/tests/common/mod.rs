@@ -39,13 +39,15 @@ pub fn check_reference<A: Architecture>(model: &Runtime<A>, name: &str, d_ff: us
 }
 
 /// Loss, every activation-parameter gradient and every site gradient (dW = Σ gᵀx) against
-/// finite differences, plus a left-padded row against the row alone.
+/// finite differences, plus a left-padded row against the row alone, and gradients over
+/// frozen prefixes against whole rows.
 pub fn check_gradients(model: &mut impl Model, d_model: usize, d_ff: usize, sites: &[&str]) {
     let case = GradientCase::standard(d_model, d_ff, sites);
     case.check_loss(model);
     case.check_param_grads(model);
     case.check_site_grads(model);
     check_left_padded_gradient(model, d_model);
+    check_frozen_prefix(model, d_model);
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f64 {
