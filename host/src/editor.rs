@@ -3,10 +3,11 @@
 use abi_stable::sabi_trait::TD_Opaque;
 use abi_stable::sabi_types::RMut;
 use abi_stable::std_types::RStr;
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use indicatif::ProgressBar;
 use kedit_plugin_api::{
-    EditReport, EditRequest, EditorBox, MethodInfo, Progress, ProgressMut, Progress_TO,
+    EditReport, EditRequest, EditorBox, FileServices, MethodInfo, Progress, ProgressMut,
+    Progress_TO,
 };
 
 use crate::cancel::CancelFlag;
@@ -20,7 +21,15 @@ pub struct EditorHandle {
 }
 
 impl EditorHandle {
+    /// A new editor object of `plugin`, after lending the plugin (API level 3 or later) the
+    /// host's services: text sources relative to the working directory and a persistent cache
+    /// under `<cache root>/editors/<plugin name>` (see [`kedit_plugin_api::HostServices`]).
     pub fn new(plugin: &LoadedPlugin) -> Result<Self> {
+        let cache = crate::resolve::cache_root()
+            .ok()
+            .map(|root| root.join("editors").join(plugin.name()));
+        let base = std::env::current_dir().context("the working directory is unreadable")?;
+        plugin.attach_host(FileServices::new(base, cache).boxed())?;
         let inner = plugin.new_editor()?;
         Ok(Self {
             plugin: plugin.id.clone(),
@@ -54,6 +63,26 @@ impl EditorHandle {
             progress,
         );
         Ok(self.plugin.check("edit", result)?)
+    }
+
+    /// The editor's `locate` (causal tracing for ROME/MEMIT): JSON whose shape the method defines.
+    pub fn locate(
+        &mut self,
+        model: &mut ModelHandle,
+        method: &str,
+        requests: &[EditRequest],
+        hparams_json: &str,
+        progress: &mut EditProgress<'_>,
+    ) -> Result<String> {
+        let progress: ProgressMut<'_> = Progress_TO::from_ptr(RMut::new(progress), TD_Opaque);
+        let result = self.inner.locate(
+            model.as_abi_mut(),
+            method.into(),
+            requests.into(),
+            hparams_json.into(),
+            progress,
+        );
+        Ok(self.plugin.check("locate", result)?.into_string())
     }
 
     pub fn save_state(&self) -> Result<Vec<u8>> {

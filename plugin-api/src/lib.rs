@@ -29,6 +29,7 @@ pub use abi_stable;
 pub mod editor;
 pub mod error;
 pub mod guard;
+pub mod host;
 pub mod judge;
 pub mod model;
 pub mod native;
@@ -50,6 +51,8 @@ pub use plugin::{kind, FamilyInfo, OpenRequest, PluginInfo, PluginMod, PluginMod
 // API level 2 (0.1.1).
 pub use judge::{JudgeAbi, JudgeAbi_TO, JudgeBox, JudgeVerdict};
 pub use native::{judge_box, Judge};
+// API level 3 (0.1.2).
+pub use host::{FileServices, HostServices, HostServicesBox, HostServices_TO, TextDocuments};
 pub use request::{EditRequest, PromptAnswer, SafetyCase};
 pub use site::{ActSite, WeightSite};
 pub use tensor::Tensor;

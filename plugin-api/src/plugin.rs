@@ -26,6 +26,7 @@ use abi_stable::{
 
 use crate::editor::{EditorBox, MethodInfo};
 use crate::error::PluginError;
+use crate::host::HostServicesBox;
 use crate::judge::JudgeBox;
 use crate::model::ModelBox;
 
@@ -34,7 +35,8 @@ use crate::model::ModelBox;
 ///
 /// * 1: model families and editors.
 /// * 2: adds judge plugins (`PluginMod::new_judge`, [`kind::JUDGE`]).
-pub const API_LEVEL: u32 = 2;
+/// * 3: adds host services for editors (`EditorAbi::attach_host`, [`crate::HostServices`]).
+pub const API_LEVEL: u32 = 3;
 
 /// Plugin kinds.
 pub mod kind {
@@ -109,6 +111,10 @@ pub struct PluginMod {
     // accessors (`PluginModRef::new_judge()` is `None` for a plugin built against 0.1.0).
     /// For judge plugins: a new safety judge.
     pub new_judge: extern "C" fn() -> RResult<JudgeBox, PluginError>,
+    // ---- API level 3 (0.1.2).
+    /// Lends the plugin the host's services (text sources, a persistent cache), before the host
+    /// creates editors; the plugin's code reaches them through [`crate::host::services`].
+    pub attach_host: extern "C" fn(host: HostServicesBox) -> RResult<(), PluginError>,
 }
 
 impl RootModule for PluginModRef {
@@ -169,12 +175,19 @@ macro_rules! export_plugin {
                     Err($crate::PluginError::unsupported("this plugin does not provide judges"))
                 })
             }
+            extern "C" fn __kedit_attach_host(host: $crate::HostServicesBox) -> ::abi_stable::std_types::RResult<(), $crate::PluginError> {
+                $crate::guard::guard(|| {
+                    $crate::host::set_services(host);
+                    Ok(())
+                })
+            }
             $crate::plugin::PluginMod {
                 info: __kedit_info,
                 probe: __kedit_probe,
                 open_model: __kedit_open_model,
                 new_editor: __kedit_new_editor,
                 new_judge: __kedit_new_judge,
+                attach_host: __kedit_attach_host,
             }.leak_into_prefix()
         }
     };
@@ -220,6 +233,44 @@ pub mod layouts {
             const VERSION_STRINGS: VersionStrings = package_version_strings!();
         }
     }
+
+    /// API level 2 (kedit-plugin-api 0.1.1).
+    pub mod v2 {
+        use abi_stable::{
+            declare_root_module_statics,
+            library::RootModule,
+            package_version_strings,
+            sabi_types::VersionStrings,
+            std_types::{ROption, RResult, RStr, RString},
+            StableAbi,
+        };
+
+        use crate::editor::EditorBox;
+        use crate::error::PluginError;
+        use crate::judge::JudgeBox;
+        use crate::model::ModelBox;
+        use crate::plugin::{OpenRequest, PluginInfo};
+
+        #[repr(C)]
+        #[derive(StableAbi)]
+        #[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
+        #[sabi(missing_field(option))]
+        pub struct PluginMod {
+            pub info: extern "C" fn() -> RResult<PluginInfo, PluginError>,
+            pub probe: extern "C" fn(path: RStr<'_>) -> RResult<ROption<RString>, PluginError>,
+            pub open_model: extern "C" fn(request: &OpenRequest) -> RResult<ModelBox, PluginError>,
+            #[sabi(last_prefix_field)]
+            pub new_editor: extern "C" fn() -> RResult<EditorBox, PluginError>,
+            pub new_judge: extern "C" fn() -> RResult<JudgeBox, PluginError>,
+        }
+
+        impl RootModule for PluginModRef {
+            declare_root_module_statics! {PluginModRef}
+            const BASE_NAME: &'static str = "kedit_plugin";
+            const NAME: &'static str = "kedit_plugin";
+            const VERSION_STRINGS: VersionStrings = package_version_strings!();
+        }
+    }
 }
 
 /// Checks a plugin's root module and returns it with the API level of the layout it passed.
@@ -237,11 +288,14 @@ pub fn init_root_module(header: &LibHeader) -> Result<(PluginModRef, u32), Libra
     match header.init_root_module::<PluginModRef>() {
         Ok(module) => Ok((module, API_LEVEL)),
         Err(current @ LibraryError::AbiInstability(_)) => {
+            // SAFETY (both arms): the plugin's module passed an older level's layout check, and
+            // that level's fields are, by construction, the first fields of the current
+            // `PluginMod`, with the same types. The prefix metadata that says which fields exist
+            // is the plugin's own, so the accessors of later fields return `None`.
+            if let Ok(v2) = header.init_root_module::<layouts::v2::PluginModRef>() {
+                return Ok((PluginModRef(unsafe { v2.0.cast() }), 2));
+            }
             match header.init_root_module::<layouts::v1::PluginModRef>() {
-                // SAFETY: the plugin's module passed the level-1 layout check, and the level-1
-                // fields are, by construction, the first fields of the current `PluginMod`, with
-                // the same types. The prefix metadata that says which fields exist is the
-                // plugin's own (4 fields), so the accessors of later fields return `None`.
                 Ok(v1) => Ok((PluginModRef(unsafe { v1.0.cast() }), 1)),
                 Err(_) => Err(current),
             }

@@ -1,7 +1,8 @@
 //! ABI evolution: a host that gains a capability still loads an older plugin.
 //!
-//! `tests/compat/plugin-api-v1` is plugin-api frozen at API level 1 (0.1.0); the current
-//! plugin-api (0.1.1, API level 2) has since appended `new_judge` to the root module.
+//! `tests/compat/plugin-api-v1` is plugin-api frozen at API level 1 (0.1.0), `plugin-api-v2` at
+//! level 2 (0.1.1); the current plugin-api (0.1.2, API level 3) has since appended `new_judge`
+//! (level 2) and `attach_host` (level 3) to the root module.
 //! `tests/compat/old-editor` is an editor built against the frozen v1 crate, out of tree (its own
 //! workspace and Cargo.lock) into `target/compat`. The tests show that
 //!
@@ -34,6 +35,47 @@ fn old_plugin() -> PathBuf {
         &compat_dir().join("old-editor/Cargo.toml"),
         &compat_target(),
         "old_editor_v1",
+    )
+}
+
+/// The old editor built against plugin-api 0.1.1 (API level 2, frozen in `plugin-api-v2`).
+fn old_plugin_v2() -> PathBuf {
+    let stage = compat_target().join("staged").join("v2");
+    stage_crate(
+        &compat_dir().join("plugin-api-v2"),
+        &stage.join("plugin-api-v2"),
+        &[],
+    );
+    stage_crate(
+        &compat_dir().join("old-editor"),
+        &stage.join("editor"),
+        &[
+            (
+                "Cargo.toml",
+                "name = \"kedit-test-old-editor\"",
+                "name = \"kedit-test-old-editor-v2\"",
+            ),
+            (
+                "Cargo.toml",
+                "name = \"old_editor_v1\"",
+                "name = \"old_editor_v2\"",
+            ),
+            (
+                "Cargo.toml",
+                "path = \"../plugin-api-v1\"",
+                "path = \"../plugin-api-v2\"",
+            ),
+            (
+                "Cargo.lock",
+                "name = \"kedit-test-old-editor\"",
+                "name = \"kedit-test-old-editor-v2\"",
+            ),
+        ],
+    );
+    build_out_of_tree(
+        &stage.join("editor/Cargo.toml"),
+        &compat_target(),
+        "old_editor_v2",
     )
 }
 
@@ -282,14 +324,56 @@ fn incompatible_plugins_get_a_short_mismatch_error() {
     assert_short_mismatch_error(&v0_2, "a plugin built against kedit-plugin-api 0.2.0");
 }
 
-/// The capability the host gained is real: a judge plugin (API level 2) loads at layout level 2,
+/// A plugin built against 0.1.1 (API level 2) loads under the level-3 host at layout level 2: its
+/// `new_judge` is there, the `attach_host` it predates reads as absent, and the host's loader
+/// (which lends services only to plugins that have the entry point) runs its editor.
+#[test]
+fn a_level_2_plugin_loads_under_a_level_3_host() {
+    let old = old_plugin_v2();
+    let (module, level) = kedit_plugin_api::plugin::init_root_module(header_of(&old))
+        .unwrap_or_else(|e| panic!("plugin-api's loader refused the 0.1.1 plugin: {e}"));
+    assert_eq!(level, 2);
+    assert!(
+        module.new_judge().is_some(),
+        "a level-2 plugin has new_judge"
+    );
+    assert!(
+        module.attach_host().is_none(),
+        "a level-2 plugin has no attach_host; the accessor must say so"
+    );
+    let info = module.info()().unwrap();
+    assert_eq!(info.api_level, 2);
+    assert!(module.new_editor()().is_ok());
+
+    let run = kedit([
+        "plugins".as_ref(),
+        "--json".as_ref(),
+        "--plugin".as_ref(),
+        old.as_os_str(),
+    ]);
+    assert!(
+        run.success(),
+        "the level-3 kedit must load a 0.1.1 plugin:\n{run}"
+    );
+    let json = run.json();
+    let entry = find_plugin_entry(&json, &old)
+        .unwrap_or_else(|| panic!("no entry for {} in:\n{run}", old.display()));
+    assert_eq!(
+        entry.get("api_level").and_then(|v| v.as_u64()),
+        Some(2),
+        "{entry:#}"
+    );
+}
+
+/// The capability the host gained is real: a judge plugin (API level 2 and later) loads,
 /// hands out a judge through `new_judge`, and a panic inside it comes back as an error.
 #[test]
-fn a_level_2_judge_plugin_works_and_is_panic_guarded() {
+fn a_judge_plugin_works_and_is_panic_guarded() {
     let judge_so = plugin(artifacts::JUDGE);
     let (module, level) = kedit_plugin_api::plugin::init_root_module(header_of(&judge_so))
         .unwrap_or_else(|e| panic!("loading {}: {e}", judge_so.display()));
-    assert_eq!(level, 2);
+    // Built in this workspace, so against the current plugin-api.
+    assert_eq!(level, API_LEVEL);
     let info = module.info()().unwrap();
     assert_eq!(info.kind, kind::JUDGE);
     assert_eq!(kind::name(info.kind), "judge");
@@ -338,7 +422,7 @@ fn a_level_2_judge_plugin_works_and_is_panic_guarded() {
     );
     assert_eq!(
         entry.get("api_level").and_then(|v| v.as_u64()),
-        Some(2),
+        Some(API_LEVEL as u64),
         "{entry:#}"
     );
 }

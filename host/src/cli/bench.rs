@@ -16,10 +16,11 @@ use serde_json::{json, Value};
 
 use super::{Context, ModelArgs};
 use crate::cancel::CancelFlag;
+use crate::config::load_hparams_file;
 use crate::editor::{EditProgress, EditorHandle};
 use crate::eval::metrics;
 use crate::eval::score::{score_request, ScoreSettings};
-use crate::hparams::merge_hparams;
+use crate::hparams::{merge_hparams, HparamsLayer};
 use crate::model::ModelHandle;
 
 #[derive(Args, Debug)]
@@ -29,6 +30,10 @@ pub struct BenchArgs {
     /// Editing methods to time (repeatable; default ft).
     #[arg(long = "method", value_name = "NAME")]
     pub methods: Vec<String>,
+    /// Hyper-parameters (TOML) merged over each timed method's defaults, as `kedit edit
+    /// --hparams` does (e.g. `mom2_adjustment = false` to time ROME as EasyEdit ships it).
+    #[arg(long, value_name = "H.toml")]
+    pub hparams: Option<PathBuf>,
     /// Timed repetitions of each measurement (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
@@ -93,6 +98,63 @@ fn requests() -> Vec<EditRequest> {
     }]
     .into();
     vec![a, b]
+}
+
+/// Optimisation steps and key-statistics passes found in editors' reports: any `steps` array
+/// of objects with `seconds` (ROME's v* steps, per layer) and any `statistics` array with
+/// `tokens_per_s` (a statistics pass that ran rather than came from the cache).
+#[derive(Default)]
+struct StepTimes {
+    step_seconds: Vec<f64>,
+    steps_per_edit: Vec<f64>,
+    statistics: Vec<Value>,
+}
+
+impl StepTimes {
+    fn add(&mut self, details: &Value) {
+        let mut steps_here = 0usize;
+        fn walk(v: &Value, out: &mut StepTimes, steps_here: &mut usize) {
+            match v {
+                Value::Object(map) => {
+                    for (k, child) in map {
+                        match (k.as_str(), child) {
+                            ("steps", Value::Array(items)) => {
+                                for s in items {
+                                    if let Some(sec) = s.get("seconds").and_then(Value::as_f64) {
+                                        out.step_seconds.push(sec);
+                                        *steps_here += 1;
+                                    }
+                                }
+                            }
+                            ("statistics", Value::Array(items)) => out.statistics.extend(
+                                items
+                                    .iter()
+                                    .filter(|s| s.get("from_cache") == Some(&Value::Bool(false)))
+                                    .cloned(),
+                            ),
+                            _ => walk(child, out, steps_here),
+                        }
+                    }
+                }
+                Value::Array(items) => items.iter().for_each(|c| walk(c, out, steps_here)),
+                _ => {}
+            }
+        }
+        walk(details, self, &mut steps_here);
+        if steps_here > 0 {
+            self.steps_per_edit.push(steps_here as f64);
+        }
+    }
+
+    fn write_into(&self, entry: &mut Value) {
+        if !self.step_seconds.is_empty() {
+            entry["median_step_seconds"] = json!(metrics::median(&self.step_seconds));
+            entry["steps_per_edit"] = json!(self.steps_per_edit);
+        }
+        if !self.statistics.is_empty() {
+            entry["statistics"] = json!(self.statistics);
+        }
+    }
 }
 
 /// Peak resident set size in MiB (Linux `VmHWM`).
@@ -164,6 +226,19 @@ pub fn run(context: &Context, args: BenchArgs) -> Result<ExitCode> {
     };
     let mut edits = serde_json::Map::new();
     let family = model.facts().family.to_string();
+    let mut user_hparams = Vec::new();
+    if let Some(values) = &context.config.hparams {
+        user_hparams.push(HparamsLayer {
+            origin: format!("[hparams] of {}", context.config_name()),
+            values: values.clone(),
+        });
+    }
+    if let Some(path) = &args.hparams {
+        user_hparams.push(HparamsLayer {
+            origin: path.display().to_string(),
+            values: load_hparams_file(path)?,
+        });
+    }
     for name in &methods {
         eprintln!("bench: edit with {name}");
         let (plugin, method) = registry.editor_for_method(name)?;
@@ -172,9 +247,10 @@ pub fn run(context: &Context, args: BenchArgs) -> Result<ExitCode> {
             .method_info(&method)
             .cloned()
             .context("method vanished")?;
-        let hparams = merge_hparams(&info, &family, &[])?.to_string();
+        let hparams = merge_hparams(&info, &family, &user_hparams)?.to_string();
         let cancel = CancelFlag::new();
         let mut times = Vec::new();
+        let mut steps = StepTimes::default();
         for r in &reqs {
             let mark = model.journal_mark()?;
             let t = Instant::now();
@@ -188,13 +264,15 @@ pub fn run(context: &Context, args: BenchArgs) -> Result<ExitCode> {
             );
             times.push(t.elapsed().as_secs_f64());
             model.journal_rollback(mark)?;
-            result
+            let report = result
                 .with_context(|| format!("{method} failed on request {:?}", r.prompt.as_str()))?;
+            if let Ok(details) = serde_json::from_str::<Value>(&report.details_json) {
+                steps.add(&details);
+            }
         }
-        edits.insert(
-            method.clone(),
-            json!({"requests": times.len(), "median_seconds": metrics::median(&times), "seconds": times}),
-        );
+        let mut entry = json!({"requests": times.len(), "median_seconds": metrics::median(&times), "seconds": times});
+        steps.write_into(&mut entry);
+        edits.insert(method.clone(), entry);
     }
 
     let report = json!({

@@ -36,10 +36,14 @@ pub struct GenerateArgs {
     /// Sampling seed (with --top-k).
     #[arg(long, value_name = "S", requires = "top_k", default_value_t = 0)]
     pub seed: u64,
+    /// After generating, print each installed site module's account of its last decision (for
+    /// instance WISE's router: which memory answered, its scores and threshold).
+    #[arg(long)]
+    pub explain: bool,
 }
 
 pub fn run(context: &Context, args: GenerateArgs) -> Result<ExitCode> {
-    let model = context.open_model(&args.model)?;
+    let mut model = context.open_model(&args.model)?;
     let prompt_ids = match (&args.prompt, &args.ids) {
         (_, Some(ids)) => ids.clone(),
         (Some(text), None) if args.chat => model.tokenize(&model.chat_prompt(text)?, false)?,
@@ -78,7 +82,25 @@ pub fn run(context: &Context, args: GenerateArgs) -> Result<ExitCode> {
     if args.show_ids {
         println!("ids: {}", join_ids(&new_ids));
     }
+    if args.explain {
+        explain(&mut model)?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+fn explain(model: &mut crate::model::ModelHandle) -> Result<()> {
+    let explanations = model
+        .as_abi_mut()
+        .explain_modules()
+        .into_result()
+        .map_err(|e| anyhow::anyhow!("cannot explain the installed modules: {e}"))?;
+    if explanations.is_empty() {
+        eprintln!("explain: no site modules are installed");
+    }
+    for e in explanations {
+        println!("explain: {e}");
+    }
+    Ok(())
 }
 
 fn join_ids(ids: &[u32]) -> String {

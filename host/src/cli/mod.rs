@@ -10,6 +10,7 @@ mod fetch;
 mod generate;
 mod info;
 mod plugins;
+mod trace;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -86,6 +87,8 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Measure forward latency, generation speed, edit time, evaluation throughput and peak RSS.
     Bench(bench::BenchArgs),
+    /// Causal tracing: which layers and tokens carry a fact (heatmaps, JSON, averages).
+    Trace(trace::TraceArgs),
     /// Download a known model into the cache.
     Fetch(fetch::FetchArgs),
     /// Edit the real SmolLM2 (fetched if missing): the Eiffel Tower moves, an unrelated prompt stays.
@@ -102,6 +105,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Edit(args) => edit::run(&context, args),
         Command::Eval(args) => eval::run(&context, args),
         Command::Export(args) => export::run(&context, args),
+        Command::Trace(args) => trace::run(&context, args),
         Command::Fetch(args) => fetch::run(args),
         Command::Bench(args) => bench::run(&context, args),
         Command::Demo(args) => demo::run(&context, args),

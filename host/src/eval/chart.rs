@@ -43,7 +43,7 @@ const FONT_CANDIDATES: &[&str] = &[
 ];
 
 /// Registers a font for "sans-serif" once; whether one is available.
-fn font_available() -> bool {
+pub(crate) fn font_available() -> bool {
     static FONT: OnceLock<bool> = OnceLock::new();
     *FONT.get_or_init(|| {
         let env = std::env::var("KEDIT_CHART_FONT").ok();

@@ -18,7 +18,7 @@ use abi_stable::library::{
 use abi_stable::std_types::{ROption, RString};
 use kedit_plugin_api::plugin::init_root_module;
 use kedit_plugin_api::{
-    kind, EditorBox, ModelBox, OpenRequest, PluginInfo, PluginModRef, API_LEVEL,
+    kind, EditorBox, HostServicesBox, ModelBox, OpenRequest, PluginInfo, PluginModRef, API_LEVEL,
 };
 
 use super::abi_error::{trim_abi_error, MAX_ABI_ERROR_LINES};
@@ -227,6 +227,15 @@ impl LoadedPlugin {
     pub fn open_model(&self, request: &OpenRequest) -> Result<ModelBox, PluginCallError> {
         self.id
             .check("open_model", (self.module.open_model())(request))
+    }
+
+    /// Lends the plugin the host's services; a plugin older than API level 3 has no use for
+    /// them and is left alone.
+    pub fn attach_host(&self, services: HostServicesBox) -> Result<(), PluginCallError> {
+        match self.module.attach_host() {
+            Some(attach) => self.id.check("attach_host", attach(services)),
+            None => Ok(()),
+        }
     }
 
     pub fn new_editor(&self) -> Result<EditorBox, PluginCallError> {

@@ -278,6 +278,12 @@ extern "C" fn no_judge() -> RResult<JudgeBox, PluginError> {
     RResult::RErr(PluginError::unsupported("no judges here"))
 }
 
+extern "C" fn ignore_host(
+    _host: kedit_plugin_api::HostServicesBox,
+) -> RResult<(), kedit_plugin_api::PluginError> {
+    RResult::ROk(())
+}
+
 fn family_module() -> PluginModRef {
     PluginMod {
         info: family_info,
@@ -285,6 +291,7 @@ fn family_module() -> PluginModRef {
         open_model,
         new_editor: no_editor,
         new_judge: no_judge,
+        attach_host: ignore_host,
     }
     .leak_into_prefix()
 }
@@ -296,6 +303,7 @@ fn editor_module() -> PluginModRef {
         open_model: no_model,
         new_editor,
         new_judge: no_judge,
+        attach_host: ignore_host,
     }
     .leak_into_prefix()
 }

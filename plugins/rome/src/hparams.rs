@@ -30,10 +30,10 @@ pub struct RomeHparams {
     pub mom2_dataset: String,
     /// Number of documents (lines) sampled for C.
     pub mom2_n_samples: usize,
-    /// Where C is cached ("" = no cache). DEVIATION from DESIGN.md (editors touch no files):
-    /// until the host lends editors a store, the editor reads the corpus and this cache itself.
-    #[serde(default)]
-    pub stats_dir: String,
+    /// Keep C in the host's persistent cache, keyed by model, site, corpus contents and
+    /// sample count, and reuse it across runs and processes (EasyEdit's `stats_dir`).
+    #[serde(default = "default_true")]
+    pub stats_cache: bool,
     /// Tokens per statistics forward (rows × padded width), EasyEdit's `3·npos`-style batching.
     #[serde(default = "default_stats_batch_tokens")]
     pub stats_batch_tokens: usize,
@@ -65,6 +65,9 @@ pub struct RomeHparams {
 
 fn default_fact_token() -> String {
     "subject_last".into()
+}
+fn default_true() -> bool {
+    true
 }
 fn default_stats_batch_tokens() -> usize {
     4096
@@ -151,7 +154,7 @@ pub const DEFAULT_HPARAMS: &str = r#"{
   "mom2_adjustment": false,
   "mom2_dataset": "../shared/data/corpus",
   "mom2_n_samples": 100000,
-  "stats_dir": "",
+  "stats_cache": true,
   "stats_batch_tokens": 4096,
   "stats_max_len": 0,
   "context_template_length_params": [[5, 10], [10, 10]],
@@ -177,7 +180,7 @@ pub const MEMIT_DEFAULT_HPARAMS: &str = r#"{
   "mom2_update_weight": 15000.0,
   "mom2_dataset": "../shared/data/corpus",
   "mom2_n_samples": 100000,
-  "stats_dir": "",
+  "stats_cache": true,
   "stats_batch_tokens": 4096,
   "stats_max_len": 0,
   "context_template_length_params": [[10, 5]],

@@ -1,7 +1,8 @@
 //! kedit editor plugin: locate-then-edit. ROME (METHODS.md §3) with EasyEdit's exact loss,
 //! generated context templates and optional `C⁻¹` key adjustment from corpus key statistics.
 //! MEMIT (§3.7): multi-layer, many requests per call, λ·C regularised least squares in f64.
-//! AlphaEdit and causal tracing are not implemented yet.
+//! Causal tracing (`locate`). The corpus and the statistics cache come from the host's
+//! services (plugin API level 3). AlphaEdit is not implemented yet.
 
 pub mod hparams;
 pub mod linalg;
@@ -9,14 +10,16 @@ pub mod memit;
 pub mod rome;
 pub mod stats;
 pub mod templates;
+pub mod trace;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use kedit_plugin_api::{
     editor_box, kind, site::layer_site, EditReport, EditRequest, Editor, EditorBox, FamilyDefaults,
-    MethodInfo, ModelClient, PluginError, PluginInfo, ProgressMut, API_LEVEL,
+    HostServicesBox, MethodInfo, ModelClient, PluginError, PluginInfo, ProgressMut, TextDocuments,
+    API_LEVEL,
 };
 use serde::Serialize;
 
@@ -58,7 +61,7 @@ pub fn info() -> PluginInfo {
             family_defaults: family_defaults(MEMIT_FAMILY_DEFAULTS),
         }]
         .into(),
-        capabilities: Default::default(),
+        capabilities: vec![kedit_plugin_api::capability::LOCATE.into()].into(),
     }
 }
 
@@ -77,7 +80,12 @@ pub struct CachedStats {
 /// key statistics); every change to the model is a journaled weight write.
 #[derive(Default)]
 pub struct RomeEditor {
+    /// Services given to this editor directly (tests, embedders); otherwise those the host
+    /// lent the plugin ([`kedit_plugin_api::host::services`]).
+    host: Option<Arc<HostServicesBox>>,
     templates: HashMap<String, Vec<String>>,
+    /// Corpora read so far, by (source, samples): read once per process.
+    corpora: HashMap<(String, usize), Arc<TextDocuments>>,
     stats: HashMap<String, Arc<std::sync::Mutex<CachedStats>>>,
     /// Parity tests only: the δ of every forward of the v optimisation, replayed instead of
     /// the editor's own Adam trajectory (see [`rome::compute_v`]).
@@ -94,6 +102,15 @@ struct RomeReport<'a> {
 }
 
 impl RomeEditor {
+    /// An editor with the host's services already attached (tests and embedders; the `kedit`
+    /// host attaches them through the ABI).
+    pub fn with_host(host: HostServicesBox) -> Self {
+        Self {
+            host: Some(Arc::new(host)),
+            ..Self::default()
+        }
+    }
+
     /// The context templates for this model and hparams (generated once per process).
     pub fn context_templates(
         &mut self,
@@ -142,12 +159,34 @@ impl RomeEditor {
         reports: &mut Vec<StatsReport>,
     ) -> Result<Vec<Arc<std::sync::Mutex<CachedStats>>>, PluginError> {
         let facts = model.facts()?;
-        let corpus = PathBuf::from(&hp.mom2_dataset);
-        let corpus_name = std::fs::canonicalize(&corpus)
-            .unwrap_or_else(|_| corpus.clone())
-            .to_string_lossy()
-            .into_owned();
-        let corpus_size = std::fs::metadata(&corpus).map(|m| m.len()).unwrap_or(0);
+        let host = self
+            .host
+            .clone()
+            .or_else(kedit_plugin_api::host::services)
+            .ok_or_else(|| {
+                PluginError::unsupported(
+                    "ROME's key statistics read their corpus through the host's text sources \
+                 (plugin API level 3); this editor was given none",
+                )
+            })?;
+        let corpus_id = (hp.mom2_dataset.clone(), hp.mom2_n_samples);
+        let corpus = match self.corpora.get(&corpus_id) {
+            Some(c) => c.clone(),
+            None => {
+                let docs = host
+                    .text_documents(hp.mom2_dataset.as_str().into(), hp.mom2_n_samples as u64)
+                    .into_result()
+                    .map_err(|e| {
+                        PluginError::invalid(format!(
+                            "the `mom2_dataset` hparam ('{}'): {}",
+                            hp.mom2_dataset, e.message
+                        ))
+                    })?;
+                let docs = Arc::new(docs);
+                self.corpora.insert(corpus_id, docs.clone());
+                docs
+            }
+        };
         let max_len = if hp.stats_max_len > 0 {
             hp.stats_max_len
         } else {
@@ -157,40 +196,46 @@ impl RomeEditor {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| facts.family.to_string());
-        let corpus_label = corpus.display().to_string();
+        let corpus_label = corpus.label.to_string();
         struct Want {
             key: String,
             site: String,
-            cache: Option<PathBuf>,
+            cache_key: Option<String>,
         }
         let mut wants: Vec<Want> = Vec::new();
         let mut missing = Vec::new();
         for &layer in layers {
             let site = layer_site(&hp.key_site, layer);
             let key = format!(
-                "{model_name}|{}|{site}|{corpus_name}|{corpus_size}|{}|{max_len}",
-                facts.source, hp.mom2_n_samples
+                "{model_name}|{}|{site}|{}|{}|{}|{max_len}",
+                facts.source, corpus.label, corpus.fingerprint, hp.mom2_n_samples
             );
             let hash = stats::fnv1a(&[&key]);
-            let cache = (!hp.stats_dir.is_empty()).then(|| {
-                PathBuf::from(&hp.stats_dir)
-                    .join(sanitize(&model_name))
-                    .join(format!(
-                        "{}_mom2_{}_{hash:016x}.bin",
-                        sanitize(&site),
-                        hp.mom2_n_samples
-                    ))
+            let cache_key = hp.stats_cache.then(|| {
+                format!(
+                    "mom2/{}/{}_{}_{hash:016x}.bin",
+                    sanitize(&model_name),
+                    sanitize(&site),
+                    hp.mom2_n_samples
+                )
             });
             if !self.stats.contains_key(&key) {
-                if let Some(m) = cache.as_deref().and_then(stats::load) {
+                let cached = match &cache_key {
+                    Some(k) => host
+                        .cache_get(k.as_str().into())
+                        .into_result()?
+                        .into_option(),
+                    None => None,
+                };
+                if let Some(m) = cached.as_deref().and_then(stats::decode) {
                     reports.push(StatsReport {
                         site: site.clone(),
                         corpus: corpus_label.clone(),
-                        documents: 0,
+                        documents: corpus.documents.len(),
                         count: m.count,
                         seconds: 0.0,
                         tokens_per_s: 0.0,
-                        cache: cache.as_ref().map(|p| p.display().to_string()),
+                        cache: cache_key.clone(),
                         from_cache: true,
                     });
                     self.stats.insert(
@@ -204,10 +249,14 @@ impl RomeEditor {
                     missing.push(wants.len());
                 }
             }
-            wants.push(Want { key, site, cache });
+            wants.push(Want {
+                key,
+                site,
+                cache_key,
+            });
         }
         if !missing.is_empty() {
-            let docs = stats::read_corpus(&corpus, hp.mom2_n_samples)?;
+            let docs: Vec<String> = corpus.documents.iter().map(|d| d.to_string()).collect();
             let sites: Vec<String> = missing.iter().map(|&i| wants[i].site.clone()).collect();
             let t0 = std::time::Instant::now();
             let (moments, tps) = stats::second_moments(
@@ -221,8 +270,9 @@ impl RomeEditor {
             let secs = t0.elapsed().as_secs_f64();
             for (&i, m) in missing.iter().zip(moments) {
                 let w = &wants[i];
-                if let Some(p) = &w.cache {
-                    stats::save(p, &m)?;
+                if let Some(k) = &w.cache_key {
+                    host.cache_put(k.as_str().into(), stats::encode(&m).as_slice().into())
+                        .into_result()?;
                 }
                 reports.push(StatsReport {
                     site: w.site.clone(),
@@ -231,7 +281,7 @@ impl RomeEditor {
                     count: m.count,
                     seconds: secs,
                     tokens_per_s: tps,
-                    cache: w.cache.as_ref().map(|p| p.display().to_string()),
+                    cache: w.cache_key.clone(),
                     from_cache: false,
                 });
                 self.stats.insert(
@@ -421,6 +471,23 @@ impl Editor for RomeEditor {
             requests: requests.len() as u32,
             details_json: details.into(),
         })
+    }
+
+    /// Causal tracing (ROME §2.1) for both methods: where the requests' facts are recalled.
+    fn locate(
+        &mut self,
+        model: &mut ModelClient<'_>,
+        method: &str,
+        requests: &[EditRequest],
+        hparams_json: &str,
+        progress: &mut ProgressMut<'_>,
+    ) -> Result<String, PluginError> {
+        if method != METHOD_ROME && method != METHOD_MEMIT {
+            return Err(PluginError::invalid(format!(
+                "the rome plugin has no method '{method}' (it has: {METHOD_ROME}, {METHOD_MEMIT})"
+            )));
+        }
+        trace::locate(model, method, requests, hparams_json, progress)
     }
 }
 

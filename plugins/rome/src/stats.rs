@@ -2,13 +2,10 @@
 //! text corpus (EasyEdit `layer_stats`, METHODS.md §3.3, fixture README §2), accumulated in f64,
 //! streamed in token-bounded batches that run the network only up to the edit layer.
 //!
-//! Caching: C is kept in memory per (model, site, corpus, samples) and, when `stats_dir` is set,
-//! on disk. Reading the corpus and the cache file from the editor is a deliberate, documented
-//! deviation from DESIGN.md ("an editor never touches files") until the host lends editors a
-//! text source and a blob store.
+//! The corpus comes from the host's text sources and C is cached, per (model, site, corpus
+//! contents, samples), in memory and in the host's persistent cache ([`encode`] / [`decode`]):
+//! the editor never opens a file itself.
 
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor as CTensor};
@@ -35,65 +32,6 @@ pub struct StatsReport {
     pub tokens_per_s: f64,
     pub cache: Option<String>,
     pub from_cache: bool,
-}
-
-/// The corpus documents: every non-empty line of a file, or of every file under a directory
-/// (sorted by path), the first `n` of them.
-pub fn read_corpus(path: &Path, n: usize) -> Result<Vec<String>, PluginError> {
-    let mut files = Vec::new();
-    collect_files(path, &mut files)?;
-    files.sort();
-    let mut docs = Vec::new();
-    for f in files {
-        let text = std::fs::read_to_string(&f)
-            .map_err(|e| PluginError::invalid(format!("statistics corpus {}: {e}", f.display())))?;
-        for line in text.split('\n') {
-            let line = line.strip_suffix('\r').unwrap_or(line);
-            if line.trim().is_empty() {
-                continue;
-            }
-            docs.push(line.to_string());
-            if docs.len() == n {
-                return Ok(docs);
-            }
-        }
-    }
-    if docs.is_empty() {
-        return Err(PluginError::invalid(format!(
-            "statistics corpus {} holds no text",
-            path.display()
-        )));
-    }
-    Ok(docs)
-}
-
-fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> Result<(), PluginError> {
-    let meta = std::fs::metadata(path).map_err(|e| {
-        PluginError::invalid(format!(
-            "statistics corpus {}: {e} (set the `mom2_dataset` hparam to a text file or directory)",
-            path.display()
-        ))
-    })?;
-    if meta.is_file() {
-        out.push(path.to_path_buf());
-        return Ok(());
-    }
-    let entries = std::fs::read_dir(path)
-        .map_err(|e| PluginError::invalid(format!("statistics corpus {}: {e}", path.display())))?;
-    for e in entries {
-        let e = e.map_err(|e| PluginError::invalid(format!("{}: {e}", path.display())))?;
-        let p = e.path();
-        if p.is_dir() {
-            collect_files(&p, out)?;
-        } else if p
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| !n.starts_with('.'))
-        {
-            out.push(p);
-        }
-    }
-    Ok(())
 }
 
 /// FNV-1a, stable across builds (a cache key must not depend on the std hasher).
@@ -221,35 +159,26 @@ fn candle_err(e: candle_core::Error) -> PluginError {
 
 const MAGIC: &[u8; 8] = b"KEDMOM2\x01";
 
-pub fn save(path: &Path, m: &SecondMoment) -> Result<(), PluginError> {
-    let io = |e: std::io::Error| PluginError::internal(format!("{}: {e}", path.display()));
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
+/// C as bytes for the host's cache: magic, d, count (u64 LE), then d² f64 LE.
+pub fn encode(m: &SecondMoment) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24 + m.c.len() * 8);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&(m.d as u64).to_le_bytes());
+    out.extend_from_slice(&m.count.to_le_bytes());
+    for v in &m.c {
+        out.extend_from_slice(&v.to_le_bytes());
     }
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
-        f.write_all(MAGIC).map_err(io)?;
-        f.write_all(&(m.d as u64).to_le_bytes()).map_err(io)?;
-        f.write_all(&m.count.to_le_bytes()).map_err(io)?;
-        for v in &m.c {
-            f.write_all(&v.to_le_bytes()).map_err(io)?;
-        }
-        f.flush().map_err(io)?;
-    }
-    std::fs::rename(&tmp, path).map_err(io)
+    out
 }
 
-pub fn load(path: &Path) -> Option<SecondMoment> {
-    let mut f = std::fs::File::open(path).ok()?;
-    let mut bytes = Vec::new();
-    f.read_to_end(&mut bytes).ok()?;
+/// C from [`encode`]d bytes; `None` for anything else (a cache entry of another version).
+pub fn decode(bytes: &[u8]) -> Option<SecondMoment> {
     if bytes.len() < 24 || &bytes[..8] != MAGIC {
         return None;
     }
     let d = u64::from_le_bytes(bytes[8..16].try_into().ok()?) as usize;
     let count = u64::from_le_bytes(bytes[16..24].try_into().ok()?);
-    if bytes.len() != 24 + d * d * 8 {
+    if bytes.len() != 24 + d.checked_mul(d)?.checked_mul(8)? {
         return None;
     }
     let c = bytes[24..]
@@ -272,17 +201,16 @@ mod tests {
     }
 
     #[test]
-    fn moments_round_trip_through_the_cache_file() {
-        let dir = std::env::temp_dir().join(format!("kedit-rome-{}", std::process::id()));
-        let p = dir.join("m.bin");
+    fn moments_round_trip_through_the_cache_encoding() {
         let m = SecondMoment {
             d: 2,
             count: 7,
             c: vec![1.0, 0.5, 0.5, 2.0],
         };
-        save(&p, &m).unwrap();
-        let back = load(&p).unwrap();
+        let bytes = encode(&m);
+        let back = decode(&bytes).unwrap();
         assert_eq!((back.d, back.count, back.c), (2, 7, m.c));
-        std::fs::remove_dir_all(dir).ok();
+        assert!(decode(&bytes[..bytes.len() - 1]).is_none());
+        assert!(decode(b"KEDMOM2\x02 and more bytes than a header").is_none());
     }
 }

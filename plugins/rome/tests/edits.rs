@@ -42,10 +42,10 @@ fn context_templates_are_generated_seeded_and_shaped_like_romes() {
     let mut model = open_smollm2();
     let client = ModelClient::new(model.sabi_reborrow_mut());
     let hp = hparams::RomeHparams::from_json(hparams::DEFAULT_HPARAMS).unwrap();
-    let a = RomeEditor::default()
+    let a = RomeEditor::with_host(kedit_plugin_api::FileServices::new(".", None).boxed())
         .context_templates(&client, &hp, "")
         .unwrap();
-    let b = RomeEditor::default()
+    let b = RomeEditor::with_host(kedit_plugin_api::FileServices::new(".", None).boxed())
         .context_templates(&client, &hp, "")
         .unwrap();
     assert_eq!(a, b, "same seed, same templates");
@@ -97,9 +97,10 @@ fn memit_edits_two_facts_at_once_and_undoes_exactly() {
     let mark = client.journal_mark().unwrap();
     let mut quiet = kedit_plugin_api::testing::QuietProgress;
     let mut progress = Progress_TO::from_ptr(&mut quiet, TD_Opaque);
-    let (_, trace, stats) = RomeEditor::default()
-        .run_memit(&mut client, &requests, &hp, &mut progress)
-        .unwrap();
+    let (_, trace, stats) =
+        RomeEditor::with_host(kedit_plugin_api::FileServices::new(".", None).boxed())
+            .run_memit(&mut client, &requests, &hp, &mut progress)
+            .unwrap();
     eprintln!("{}", serde_json::to_string(&trace).unwrap());
     eprintln!("{}", serde_json::to_string(&stats).unwrap());
     assert_eq!(trace.layers.len(), 5);

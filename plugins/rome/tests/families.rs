@@ -148,7 +148,7 @@ fn check_family(fixture: &str, plugin: &str, layer: usize) {
     let mark = client.journal_mark().unwrap();
     let mut quiet = kedit_plugin_api::testing::QuietProgress;
     let mut progress = Progress_TO::from_ptr(&mut quiet, TD_Opaque);
-    let report = RomeEditor::default()
+    let report = RomeEditor::with_host(kedit_plugin_api::FileServices::new(".", None).boxed())
         .edit(
             &mut client,
             "rome",

@@ -406,7 +406,8 @@ fn rome_matches_easyedit_step_by_step_on_smollm2() {
         let tag = format!("r{i}");
         check_logits(&tag, &client, &want, "pre");
         for mode in [Mode::Replay, Mode::Free] {
-            let mut editor = RomeEditor::default();
+            let mut editor =
+                RomeEditor::with_host(kedit_plugin_api::FileServices::new(".", None).boxed());
             if mode == Mode::Replay {
                 editor.replay_deltas = Some(replay_of(&tag, &want));
             }
@@ -442,7 +443,7 @@ fn key_statistics_and_rome_with_c_match_easyedit() {
     let mut model = smollm2();
     let mut client = ModelClient::new(model.sabi_reborrow_mut());
     let hp = fixture_hparams(true);
-    let mut editor = RomeEditor::default();
+    let mut editor = RomeEditor::with_host(kedit_plugin_api::FileServices::new(".", None).boxed());
     let mut quiet = kedit_plugin_api::testing::QuietProgress;
     let mut progress = Progress_TO::from_ptr(&mut quiet, TD_Opaque);
     let mut reports = Vec::new();

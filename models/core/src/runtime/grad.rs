@@ -38,8 +38,11 @@ impl LossPlan {
     fn parse(req: &GradRequest, layout: &RowLayout, vocab: usize) -> Result<Self> {
         let mut slots = Vec::new();
         let mut index: HashMap<u32, usize> = HashMap::new();
-        let mut slot_of = |row: u32, pos: u32, what: &str| -> Result<usize> {
-            layout.check_slot(what, row as usize, pos as usize)?;
+        // Names are formatted only for errors: a KL written as NLL terms has one per token.
+        let mut slot_of = |row: u32, pos: u32, what: &dyn Fn() -> String| -> Result<usize> {
+            if row as usize >= layout.batch || pos as usize >= layout.seq {
+                layout.check_slot(&what(), row as usize, pos as usize)?;
+            }
             let flat = row * layout.seq as u32 + pos;
             Ok(*index.entry(flat).or_insert_with(|| {
                 slots.push(flat);
@@ -48,16 +51,18 @@ impl LossPlan {
         };
         let mut nll = Vec::new();
         for (i, t) in req.nll.iter().enumerate() {
-            let what = format!("nll term {i}");
+            let what = || format!("nll term {i}");
             if t.token as usize >= vocab {
                 return Err(invalid(format!(
-                    "{what}: token {} is outside the vocabulary of {vocab}",
+                    "{}: token {} is outside the vocabulary of {vocab}",
+                    what(),
                     t.token
                 )));
             }
             if !t.weight.is_finite() {
                 return Err(invalid(format!(
-                    "{what}: weight {} is not finite",
+                    "{}: weight {} is not finite",
+                    what(),
                     t.weight
                 )));
             }
@@ -81,7 +86,7 @@ impl LossPlan {
                     t.weight
                 )));
             }
-            let slot = slot_of(t.row, t.position, &what)?;
+            let slot = slot_of(t.row, t.position, &|| what.clone())?;
             kl.push((slot, t.ref_logprobs.as_slice().to_vec(), t.weight));
         }
         Ok(Self { slots, nll, kl })

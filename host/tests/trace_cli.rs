@@ -1,0 +1,170 @@
+//! `kedit trace` end to end on the tiny llama fixture (random weights) with a word-level
+//! tokenizer written next to it: one prompt and a two-record known-facts file produce the JSON,
+//! PNG and SVG files, and the JSON has the documented shape. Needs `cargo build --release` (the
+//! llama and rome plugins beside the kedit binary).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+const WORDS: &str =
+    "the eiffel tower is located in city of paris danielle darrieux mother tongue french";
+
+fn fixture_with_tokenizer(dir: &Path) -> PathBuf {
+    let src = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/fixtures/llama"
+    ));
+    let model = dir.join("llama");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), model.join(f)).unwrap();
+    }
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("<unk>".into(), json!(0));
+    for (i, w) in WORDS.split(' ').enumerate() {
+        vocab.insert(w.into(), json!(10 + i));
+    }
+    let tokenizer = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": {"type": "Lowercase"},
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(model.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    model
+}
+
+fn kedit(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_kedit"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kedit {args:?} failed:\n{stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn assert_images(dir: &Path, stem: &str) {
+    let png = std::fs::read(dir.join(format!("{stem}.png"))).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    let svg = std::fs::read_to_string(dir.join(format!("{stem}.svg"))).unwrap();
+    assert!(svg.contains("<svg"));
+}
+
+#[test]
+fn trace_writes_heatmaps_json_and_averages() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture_with_tokenizer(tmp.path());
+    let model = model.to_str().unwrap();
+
+    let one = tmp.path().join("one");
+    kedit(&[
+        "trace",
+        "--model",
+        model,
+        "--prompt",
+        "The Eiffel Tower is located in the city of",
+        "--subject",
+        "The Eiffel Tower",
+        "--answer",
+        "Paris",
+        "--samples",
+        "2",
+        "--out",
+        one.to_str().unwrap(),
+    ]);
+    let t = read_json(&one.join("trace.json"));
+    assert_images(&one, "trace");
+    let n = t["tokens"].as_array().unwrap().len();
+    assert!(n >= 9, "{t}");
+    assert_eq!(
+        t["subject_range"][1].as_u64().unwrap() - t["subject_range"][0].as_u64().unwrap(),
+        3
+    );
+    assert_eq!(t["settings"]["samples"], 2);
+    let kinds: Vec<&str> = t["grids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["resid", "mlp", "attn"]);
+    for g in t["grids"].as_array().unwrap() {
+        let rows = g["scores"].as_array().unwrap();
+        assert_eq!(rows.len(), n);
+        assert!(
+            rows.iter().all(|r| r.as_array().unwrap().len() == 3),
+            "3 layers"
+        );
+    }
+    assert!(t["clean_prob"].as_f64().unwrap() > 0.0 && t["corrupted_prob"].as_f64().unwrap() > 0.0);
+
+    let data = tmp.path().join("knowns.json");
+    std::fs::write(
+        &data,
+        json!([
+            {"known_id": 0, "subject": "The Eiffel Tower", "attribute": "Paris",
+             "prompt": "The Eiffel Tower is located in the city of"},
+            {"known_id": 1, "subject": "Danielle Darrieux", "attribute": "French",
+             "prompt": "The mother tongue of Danielle Darrieux is"}
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let many = tmp.path().join("many");
+    let stdout = kedit(&[
+        "trace",
+        "--model",
+        model,
+        "--data",
+        data.to_str().unwrap(),
+        "--format",
+        "knowns",
+        "--kinds",
+        "resid,mlp",
+        "--samples",
+        "2",
+        "--include-wrong",
+        "--out",
+        many.to_str().unwrap(),
+    ]);
+    assert!(stdout.contains("traced 2/2"), "{stdout}");
+    let s = read_json(&many.join("summary.json"));
+    assert_eq!(
+        (s["traced"].as_u64(), s["averaged"].as_u64()),
+        (Some(2), Some(2)),
+        "{s}"
+    );
+    let avg = s["average"].as_array().unwrap();
+    assert_eq!(avg.len(), 2);
+    assert_eq!(avg[0]["kind"], "resid");
+    assert_eq!(
+        avg[0]["indirect_effect"].as_array().unwrap().len(),
+        6,
+        "six token groups"
+    );
+    assert_eq!(
+        avg[0]["counts"][0], 2,
+        "both records have a first subject token"
+    );
+    assert_images(&many, "average");
+    for stem in ["0000_0", "0001_1"] {
+        let r = read_json(&many.join("records").join(format!("{stem}.json")));
+        assert_eq!(r["grids"].as_array().unwrap().len(), 2);
+        assert_images(&many.join("records"), stem);
+    }
+    let r = read_json(&many.join("records/0001_1.json"));
+    assert_eq!(r["answer"], "French", "knowns trace the known attribute");
+}
