@@ -1062,7 +1062,31 @@ impl GgufFile {
         let n = t.n_elements() as usize;
         let mut out = vec![0f32; n];
         dequantize_into(t.ggml_type, bytes, &mut out);
+        self.release_pages(bytes);
         Ok((t.shape(), out))
+    }
+
+    /// Tells the kernel that the mapped pages wholly inside `bytes` (a slice of this file's
+    /// mapping) are not needed for now, so that they leave the resident set: a model is
+    /// dequantised once, and without this the file's pages would stay resident beside the f32
+    /// weights until loading ends (about 1.2× the weights at the peak instead of 1.0×). A
+    /// later read faults them back in from the file.
+    fn release_pages(&self, bytes: &[u8]) {
+        let Storage::Mmap(map) = &self.storage else {
+            return;
+        };
+        let base = map.as_ptr() as usize;
+        let page = 4096;
+        let start = (bytes.as_ptr() as usize - base).div_ceil(page) * page;
+        let end = (bytes.as_ptr() as usize - base + bytes.len()) / page * page;
+        if end > start {
+            // SAFETY: the mapping is a read-only mapping of a file, so MADV_DONTNEED only drops
+            // clean pages that the kernel re-reads from the file on the next access; no data
+            // the process wrote can be lost, and no reference into the range is invalidated.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start)
+            };
+        }
     }
 }
 
