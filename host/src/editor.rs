@@ -89,6 +89,12 @@ impl EditorHandle {
         let state = self.plugin.check("save_state", self.inner.save_state())?;
         Ok(state.into_vec())
     }
+
+    /// Restores a state from [`EditorHandle::save_state`] onto `model` (reinstalling modules).
+    pub fn load_state(&mut self, model: &mut ModelHandle, state: &[u8]) -> Result<()> {
+        let result = self.inner.load_state(model.as_abi_mut(), state.into());
+        Ok(self.plugin.check("load_state", result)?)
+    }
 }
 
 /// What an editor's progress reports drive: the message of the host's progress bar, and the

@@ -1,8 +1,8 @@
 //! What every command shares: the config file, the plugin registry, the device, opening the model.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 
 use super::{GlobalArgs, ModelArgs};
 use crate::config::Config;
@@ -108,6 +108,9 @@ impl Context {
     }
 
     pub fn open_model_with(&self, registry: &Registry, args: &ModelArgs) -> Result<ModelHandle> {
+        if let Some(dir) = &args.load {
+            return self.open_saved(registry, args, dir);
+        }
         let path = self.model_path(args)?;
         let family = args
             .family
@@ -119,6 +122,68 @@ impl Context {
             device: self.device()?,
         };
         ModelHandle::open(registry, &spec)
+    }
+}
+
+impl Context {
+    /// The model of a `kedit edit --save DIR` result: DIR/model opened with the family the log
+    /// names, then the editor's saved state loaded onto it by a fresh editor of the logged
+    /// method (for WISE, its side memories and router come back).
+    fn open_saved(&self, registry: &Registry, args: &ModelArgs, dir: &Path) -> Result<ModelHandle> {
+        let log_path = dir.join("edit_log.json");
+        let log: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&log_path).with_context(|| {
+                format!(
+                    "--load {}: cannot read {}",
+                    dir.display(),
+                    log_path.display()
+                )
+            })?)
+            .with_context(|| format!("--load: {} is not JSON", log_path.display()))?;
+        let field = |name: &str| -> Result<String> {
+            log.get(name)
+                .and_then(|v| v.as_str())
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--load: {} has no string field `{name}`",
+                        log_path.display()
+                    )
+                })
+        };
+        let family = args.family.clone().or(Some(field("family")?));
+        let spec = OpenSpec {
+            path: dir.join("model"),
+            family,
+            device: self.device()?,
+        };
+        let mut model = ModelHandle::open(registry, &spec)
+            .with_context(|| format!("--load {}: opening the saved model", dir.display()))?;
+        let state_path = dir.join("editor_state.bin");
+        let state = std::fs::read(&state_path).with_context(|| {
+            format!(
+                "--load {}: cannot read {}",
+                dir.display(),
+                state_path.display()
+            )
+        })?;
+        if !state.is_empty() {
+            let method = field("method")?;
+            let (plugin, _) = registry.editor_for_method(&method).with_context(|| {
+                format!(
+                    "--load {}: the state belongs to method `{method}`",
+                    dir.display()
+                )
+            })?;
+            let mut editor = crate::editor::EditorHandle::new(plugin)?;
+            editor.load_state(&mut model, &state).with_context(|| {
+                format!(
+                    "--load {}: restoring the `{method}` editor's state",
+                    dir.display()
+                )
+            })?;
+        }
+        Ok(model)
     }
 }
 

@@ -34,6 +34,7 @@ pub fn run(context: &Context, args: DemoArgs) -> Result<ExitCode> {
     let model_args = ModelArgs {
         model: Some(args.model.clone()),
         family: None,
+        load: None,
     };
     let mut model = context.open_model_with(&registry, &model_args)?;
     let probe = 8;

@@ -68,6 +68,10 @@ pub struct ModelArgs {
     /// Force a model family instead of detecting it from the checkpoint.
     #[arg(long, value_name = "FAMILY")]
     pub family: Option<String>,
+    /// Start from what `kedit edit --save DIR` wrote: the edited model in DIR/model and the
+    /// editor's state (side memories and the like) from DIR/editor_state.bin.
+    #[arg(long, value_name = "DIR", conflicts_with = "model")]
+    pub load: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -1,0 +1,141 @@
+//! `--load DIR` end to end: a WISE edit saved by `kedit edit --save DIR` on the tiny llama
+//! fixture (word-level tokenizer written next to it), then fresh `kedit generate --load DIR`
+//! processes answer the edited and an unedited prompt exactly as the editing process did, and
+//! `--explain` shows which memory answered. Needs `cargo build --release` (the llama and wise
+//! plugins beside the kedit binary).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::json;
+
+const VOCAB: usize = 512;
+
+fn fixture_with_tokenizer(dir: &Path) -> PathBuf {
+    let src = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/fixtures/llama"
+    ));
+    let model = dir.join("llama");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), model.join(f)).unwrap();
+    }
+    let vocab: serde_json::Map<String, serde_json::Value> =
+        (0..VOCAB).map(|i| (format!("w{i}"), json!(i))).collect();
+    let tokenizer = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "WhitespaceSplit"},
+        "post_processor": null,
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}
+    });
+    std::fs::write(model.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    model
+}
+
+fn kedit(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_kedit"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kedit {args:?} failed:\n{stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn ids_line(output: &str) -> String {
+    output
+        .lines()
+        .find(|l| l.starts_with("ids:"))
+        .unwrap_or_else(|| panic!("no ids line in:\n{output}"))
+        .to_string()
+}
+
+#[test]
+fn a_saved_wise_edit_answers_the_same_in_a_new_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture_with_tokenizer(tmp.path());
+    let model = model.to_str().unwrap();
+    let data = tmp.path().join("zsre.json");
+    let record = json!([{
+        "subject": "w101",
+        "src": "w100 w101 w102",
+        "alt": "w377",
+        "answers": ["w5"],
+        "rephrase": "w103 w101 w102",
+        "loc": "w300 w301 w302",
+        "loc_ans": "w9"
+    }]);
+    std::fs::write(&data, record.to_string()).unwrap();
+    // A 3-layer model of width 64: the side memory at layer 1, margins for its small activations.
+    let hp = tmp.path().join("wise.toml");
+    std::fs::write(
+        &hp,
+        "layer = 1\nn_iter = 25\nedit_lr = 0.5\nmask_ratio = 1.0\n\
+         act_margin = [0.5, 3.0, 1.0]\ncontext_templates = [\"{}\", \"w50 w51 {}\"]\n",
+    )
+    .unwrap();
+    let saved = tmp.path().join("saved");
+    kedit(&[
+        "edit",
+        "--model",
+        model,
+        "--method",
+        "wise",
+        "--data",
+        data.to_str().unwrap(),
+        "--format",
+        "zsre",
+        "--hparams",
+        hp.to_str().unwrap(),
+        "--save",
+        saved.to_str().unwrap(),
+    ]);
+    assert!(
+        std::fs::metadata(saved.join("editor_state.bin"))
+            .unwrap()
+            .len()
+            > 0
+    );
+
+    let generate = |load: &str, prompt: &str| {
+        kedit(&[
+            "generate",
+            "--load",
+            load,
+            "--prompt",
+            prompt,
+            "--max-new-tokens",
+            "1",
+            "--show-ids",
+            "--explain",
+        ])
+    };
+    let saved = saved.to_str().unwrap();
+    let edited = generate(saved, "w100 w101 w102");
+    assert_eq!(ids_line(&edited), "ids: 377", "{edited}");
+    assert!(
+        edited.contains("side"),
+        "--explain names the side memory:\n{edited}"
+    );
+    // The unedited prompt keeps the original model's answer.
+    let original = kedit(&[
+        "generate",
+        "--model",
+        model,
+        "--prompt",
+        "w300 w301 w302",
+        "--max-new-tokens",
+        "1",
+        "--show-ids",
+    ]);
+    let unedited = generate(saved, "w300 w301 w302");
+    assert_eq!(ids_line(&unedited), ids_line(&original), "{unedited}");
+    // A second process gives the same answers again.
+    assert_eq!(ids_line(&generate(saved, "w100 w101 w102")), "ids: 377");
+}

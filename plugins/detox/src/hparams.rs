@@ -1,0 +1,187 @@
+//! DINM hyper-parameters, named as in EasyEdit's `DINMHyperParams` wherever the meaning is the
+//! same (METHODS.md §5). `kl_gradient` and `chat_template` are kedit's own.
+
+use kedit_plugin_api::PluginError;
+use serde::Deserialize;
+
+/// EasyEdit's suffix system prompt S, appended to the adversarial prompt while editing.
+pub const SUFFIX_SYSTEM_PROMPT: &str =
+    "If the user's request is reasonable, give the correct answer. Please give the right response:";
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DinmHparams {
+    /// Blocks to edit. Empty (EasyEdit's yaml default): each case locates its own toxic layer.
+    #[serde(default)]
+    pub layers: Vec<usize>,
+    /// Canonical weight site template of the tuned W^V, `{}` standing for the layer.
+    #[serde(default = "default_rewrite_site")]
+    pub rewrite_site: String,
+    pub num_steps: usize,
+    pub lr: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Weight of the edit NLL L_e in `kl_factor·L_e + L_c`. EasyEdit's name: despite it, this
+    /// factor multiplies the *edit* loss, never the KL constraint.
+    pub kl_factor: f64,
+    /// Elementwise clamp of the tuned weight to `[W₀ − c, W₀ + c]`; `false`/absent disables it.
+    #[serde(default, deserialize_with = "float_or_false")]
+    pub norm_constraint: Option<f64>,
+    #[serde(default = "default_suffix")]
+    pub suffix_system_prompt: String,
+    /// A step is taken only while the total loss is at least this (EasyEdit: 1e-4).
+    #[serde(default = "default_stop_loss")]
+    pub stop_loss: f64,
+    /// Whether the general-knowledge constraint L_c contributes to the gradient. EasyEdit
+    /// computes the post-edit constraint logits under `no_grad`, so L_c only enters the stopping
+    /// test; `false` reproduces that, `true` (kedit's default) trains on the whole loss.
+    #[serde(default = "yes")]
+    pub kl_gradient: bool,
+    /// Render edit and constraint prompts with the model's chat template where it has one.
+    /// EasyEdit feeds plain text (`false`).
+    #[serde(default = "yes")]
+    pub chat_template: bool,
+    /// Generation limits of the SafeEdit evaluation (EasyEdit's `max_length`,
+    /// `max_output_length`); editing itself does not truncate.
+    #[serde(default = "default_max_length")]
+    pub max_length: usize,
+    #[serde(default = "default_max_output_length")]
+    pub max_output_length: usize,
+}
+
+fn default_rewrite_site() -> String {
+    "layer.{}.mlp.down".into()
+}
+
+fn default_suffix() -> String {
+    SUFFIX_SYSTEM_PROMPT.into()
+}
+
+fn default_stop_loss() -> f64 {
+    1e-4
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_max_length() -> usize {
+    2048
+}
+
+fn default_max_output_length() -> usize {
+    600
+}
+
+fn float_or_false<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum FloatOrBool {
+        F(f64),
+        B(bool),
+    }
+    match Option::<FloatOrBool>::deserialize(d)? {
+        None | Some(FloatOrBool::B(false)) => Ok(None),
+        Some(FloatOrBool::F(v)) => Ok(Some(v)),
+        Some(FloatOrBool::B(true)) => Err(serde::de::Error::custom(
+            "norm_constraint: give the clamp radius as a number, or false",
+        )),
+    }
+}
+
+impl DinmHparams {
+    pub fn from_json(json: &str) -> Result<Self, PluginError> {
+        let hp: Self = serde_json::from_str(json)
+            .map_err(|e| PluginError::invalid(format!("dinm hparams: {e}")))?;
+        if hp.lr.is_nan() || hp.lr <= 0.0 {
+            return Err(PluginError::invalid("dinm hparams: `lr` must be positive"));
+        }
+        if hp.kl_factor.is_nan() || hp.kl_factor < 0.0 {
+            return Err(PluginError::invalid(
+                "dinm hparams: `kl_factor` (the weight of the edit NLL) must be ≥ 0",
+            ));
+        }
+        if !hp.rewrite_site.contains("{}") {
+            return Err(PluginError::invalid(format!(
+                "dinm hparams: `rewrite_site` '{}' has no {{}} for the layer",
+                hp.rewrite_site
+            )));
+        }
+        Ok(hp)
+    }
+}
+
+/// Defaults for every family: EasyEdit's `DINM/llama-7b.yaml` (layers located, 10 Adam steps at
+/// 5e-4, no weight decay, 0.1 on the edit NLL, no norm constraint), plus kedit's two switches.
+pub const DEFAULT_HPARAMS: &str = r#"{
+  "layers": [],
+  "rewrite_site": "layer.{}.mlp.down",
+  "num_steps": 10,
+  "lr": 5e-4,
+  "weight_decay": 0.0,
+  "kl_factor": 0.1,
+  "norm_constraint": false,
+  "suffix_system_prompt": "If the user's request is reasonable, give the correct answer. Please give the right response:",
+  "stop_loss": 1e-4,
+  "kl_gradient": true,
+  "chat_template": true,
+  "max_length": 2048,
+  "max_output_length": 600
+}"#;
+
+/// Per-family overrides. EasyEdit ships DINM yamls for gpt2-xl, llama-7b and mistral-7b only;
+/// Qwen, GLM and Baichuan have LLaMA-style `down_proj` MLPs and take the llama-7b values.
+pub const FAMILY_DEFAULTS: &[(&str, &str)] = &[
+    // gpt2-xl.yaml: the same optimiser, shorter generation limits (c_proj's bias is not a weight
+    // site, so only its weight is tuned).
+    ("gpt2", r#"{"max_length": 1024, "max_output_length": 300}"#),
+    ("llama", r#"{}"#),
+    ("qwen", r#"{}"#),
+    ("qwen2", r#"{}"#),
+    ("qwen3", r#"{}"#),
+    ("chatglm", r#"{}"#),
+    ("glm", r#"{}"#),
+    ("baichuan", r#"{}"#),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_every_family_override_parse() {
+        let base: serde_json::Value = serde_json::from_str(DEFAULT_HPARAMS).unwrap();
+        let hp = DinmHparams::from_json(DEFAULT_HPARAMS).unwrap();
+        assert!(hp.layers.is_empty() && hp.kl_gradient && hp.norm_constraint.is_none());
+        assert_eq!(hp.suffix_system_prompt, SUFFIX_SYSTEM_PROMPT);
+        for (family, json) in FAMILY_DEFAULTS {
+            let mut merged = base.clone();
+            let over: serde_json::Value = serde_json::from_str(json).unwrap();
+            for (k, v) in over.as_object().unwrap() {
+                assert!(
+                    merged.get(k).is_some(),
+                    "{family}: {k} is not a default key"
+                );
+                merged[k] = v.clone();
+            }
+            DinmHparams::from_json(&merged.to_string()).unwrap();
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected() {
+        let e = DinmHparams::from_json(
+            r#"{"num_steps":1,"lr":1e-3,"kl_factor":0.1,"kl_gradiant":false}"#,
+        )
+        .unwrap_err();
+        assert!(e.message.contains("kl_gradiant"), "{e}");
+        let e = DinmHparams::from_json(r#"{"num_steps":1,"lr":0,"kl_factor":0.1}"#).unwrap_err();
+        assert!(e.message.contains("lr"), "{e}");
+        let hp = DinmHparams::from_json(
+            r#"{"num_steps":1,"lr":1e-3,"kl_factor":0.1,"kl_gradient":false,"norm_constraint":0.5}"#,
+        )
+        .unwrap();
+        assert!(!hp.kl_gradient && hp.chat_template);
+        assert_eq!(hp.norm_constraint, Some(0.5));
+    }
+}
