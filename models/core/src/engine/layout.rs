@@ -132,13 +132,15 @@ impl RowLayout {
     }
 
     /// Position of every slot, row-major: real token i of a row follows the row's real cached
-    /// tokens (`past − past_pads[r] + i`); pads get 0 (they are masked, so any finite position
-    /// does).
+    /// tokens (`past − past_pads[r] + i`), and right pads continue that numbering as
+    /// transformers numbers them (no real token ever sees a pad, but methods that compare whole
+    /// padded hidden states, such as DINM's toxic-layer location, see the pads' own states);
+    /// left pads get 0.
     pub fn positions(&self) -> Vec<u32> {
         let mut pos = vec![0u32; self.batch * self.seq];
         for r in 0..self.batch {
             let first = self.past - self.past_pads[r];
-            for i in 0..self.lengths[r] {
+            for i in 0..self.seq - self.offsets[r] {
                 pos[r * self.seq + self.offsets[r] + i] = (first + i) as u32;
             }
         }
