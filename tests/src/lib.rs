@@ -453,7 +453,7 @@ pub fn find_plugin_entry<'a>(
             }
         }
     });
-    found.map(|o| &*o)
+    found
 }
 
 fn visit_objects<'a>(v: &'a serde_json::Value, f: &mut dyn FnMut(&'a serde_json::Value)) {
