@@ -485,7 +485,7 @@ fn cpu_seconds() -> f64 {
 /// Seconds per edit with the default SmolLM2 settings (70 iterations, 11 generated templates,
 /// mask ratio 0.2). Run explicitly: it is a measurement, not a check of numbers.
 #[test]
-#[ignore]
+#[ignore = "a timing measurement, not a check: run with --ignored"]
 fn per_edit_seconds_on_smollm2() {
     let mut model = kedit_plugin_api::testing::open_with_plugin(
         &workspace(),
