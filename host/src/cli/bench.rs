@@ -16,11 +16,10 @@ use serde_json::{json, Value};
 
 use super::{Context, ModelArgs};
 use crate::cancel::CancelFlag;
-use crate::config::load_hparams_file;
 use crate::editor::{EditProgress, EditorHandle};
 use crate::eval::metrics;
 use crate::eval::score::{score_request, ScoreSettings};
-use crate::hparams::{merge_hparams, HparamsLayer};
+use crate::hparams::merge_hparams;
 use crate::model::ModelHandle;
 
 #[derive(Args, Debug)]
@@ -226,19 +225,7 @@ pub fn run(context: &Context, args: BenchArgs) -> Result<ExitCode> {
     };
     let mut edits = serde_json::Map::new();
     let family = model.facts().family.to_string();
-    let mut user_hparams = Vec::new();
-    if let Some(values) = &context.config.hparams {
-        user_hparams.push(HparamsLayer {
-            origin: format!("[hparams] of {}", context.config_name()),
-            values: values.clone(),
-        });
-    }
-    if let Some(path) = &args.hparams {
-        user_hparams.push(HparamsLayer {
-            origin: path.display().to_string(),
-            values: load_hparams_file(path)?,
-        });
-    }
+    let user_hparams = context.user_hparams(args.hparams.as_deref())?;
     for name in &methods {
         eprintln!("bench: edit with {name}");
         let (plugin, method) = registry.editor_for_method(name)?;

@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context as _, Result};
 
 use super::{GlobalArgs, ModelArgs};
-use crate::config::Config;
+use crate::config::{load_hparams_file, Config};
+use crate::hparams::HparamsLayer;
 use crate::model::{ModelHandle, OpenSpec};
 use crate::plugins::{PluginSources, Registry};
 use crate::resolve::resolve_model;
@@ -70,6 +71,25 @@ impl Context {
         }
         registry.warn_failures();
         Ok(registry)
+    }
+
+    /// The user's hyper-parameter layers, lowest priority first: the config's `[hparams]`, then
+    /// the `--hparams FILE` of the command.
+    pub fn user_hparams(&self, file: Option<&Path>) -> Result<Vec<HparamsLayer>> {
+        let mut layers = Vec::new();
+        if let Some(values) = &self.config.hparams {
+            layers.push(HparamsLayer {
+                origin: format!("[hparams] of {}", self.config_name()),
+                values: values.clone(),
+            });
+        }
+        if let Some(path) = file {
+            layers.push(HparamsLayer {
+                origin: path.display().to_string(),
+                values: load_hparams_file(path)?,
+            });
+        }
+        Ok(layers)
     }
 
     /// `--device`, else the config's `device`, else the build's default.

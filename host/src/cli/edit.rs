@@ -12,7 +12,6 @@ use serde_json::Value;
 
 use super::{Context, ModelArgs};
 use crate::cancel::CancelFlag;
-use crate::config::load_hparams_file;
 use crate::data::{flag_request, inline_request, load_requests, DataFormat, Window};
 use crate::editor::EditorHandle;
 use crate::hparams::{merge_hparams, HparamsLayer};
@@ -128,19 +127,7 @@ impl EditPlan {
         if requests.is_empty() {
             bail!("no edit requests: give --data FILE, --prompt/--target, or [[edit.requests]] in the config");
         }
-        let mut user_hparams = Vec::new();
-        if let Some(values) = &context.config.hparams {
-            user_hparams.push(HparamsLayer {
-                origin: format!("[hparams] of {}", context.config_name()),
-                values: values.clone(),
-            });
-        }
-        if let Some(path) = &args.hparams {
-            user_hparams.push(HparamsLayer {
-                origin: path.display().to_string(),
-                values: load_hparams_file(path)?,
-            });
-        }
+        let user_hparams = context.user_hparams(args.hparams.as_deref())?;
         Ok(Some(Self {
             method,
             requests,

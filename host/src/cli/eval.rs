@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::{Context, ModelArgs};
 use crate::cancel::CancelFlag;
-use crate::config::{load_hparams_file, EvalConfig};
+use crate::config::EvalConfig;
 use crate::data::{load_requests, DataFormat, Window};
 use crate::editor::EditorHandle;
 use crate::eval::baseline::{self, Baseline};
@@ -122,19 +122,7 @@ fn plan(context: &Context, args: &EvalArgs) -> Result<Plan> {
     if let Some(n) = args.gen_length.or(c.gen_length) {
         settings.gen_length = n;
     }
-    let mut user_hparams = Vec::new();
-    if let Some(values) = &context.config.hparams {
-        user_hparams.push(HparamsLayer {
-            origin: format!("[hparams] of {}", context.config_name()),
-            values: values.clone(),
-        });
-    }
-    if let Some(path) = &args.hparams {
-        user_hparams.push(HparamsLayer {
-            origin: path.display().to_string(),
-            values: load_hparams_file(path)?,
-        });
-    }
+    let user_hparams = context.user_hparams(args.hparams.as_deref())?;
     Ok(Plan {
         method,
         data,
