@@ -34,16 +34,15 @@ pub struct StatsReport {
     pub from_cache: bool,
 }
 
-/// FNV-1a, stable across builds (a cache key must not depend on the std hasher).
+/// plugin-api's stable FNV-1a over `parts`, each followed by a 0xff separator (no UTF-8 string
+/// holds that byte, so part boundaries cannot collide).
 pub fn fnv1a(parts: &[&str]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut bytes = Vec::new();
     for p in parts {
-        for b in p.bytes().chain([0xff]) {
-            h ^= b as u64;
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
+        bytes.extend_from_slice(p.as_bytes());
+        bytes.push(0xff);
     }
-    h
+    kedit_plugin_api::host::fnv1a(&bytes)
 }
 
 /// Batches of documents, longest first, each at most `max_tokens` (rows × padded width).
