@@ -13,7 +13,7 @@ struct FrozenMatmul;
 
 impl FrozenMatmul {
     /// Runs the backend's own matmul with `W` seen transposed, exactly as `x.matmul(&w.t())`
-    /// does, so the gradient path computes the same values as the inference path.
+    /// does.
     fn forward<S: BackendStorage>(
         x: &S,
         x_layout: &Layout,
@@ -31,6 +31,29 @@ impl FrozenMatmul {
     }
 }
 
+/// `x·Wᵀ` for few rows on contiguous f32 operands by [`kedit_kernels`]' streaming kernel; `None`
+/// when the operands are not of that kind (the backend's matmul takes them).
+fn kernel_nt(
+    x: &CpuStorage,
+    x_layout: &Layout,
+    w: &CpuStorage,
+    w_layout: &Layout,
+) -> Option<(CpuStorage, Shape)> {
+    let (CpuStorage::F32(xs), CpuStorage::F32(ws)) = (x, w) else {
+        return None;
+    };
+    let (m, k) = x_layout.shape().dims2().ok()?;
+    let (n, k2) = w_layout.shape().dims2().ok()?;
+    if k != k2 || !kedit_kernels::handles(m, k, n) {
+        return None;
+    }
+    let (x0, x1) = x_layout.contiguous_offsets()?;
+    let (w0, w1) = w_layout.contiguous_offsets()?;
+    let mut y = vec![0f32; m * n];
+    kedit_kernels::matmul_nt(&xs[x0..x1], &ws[w0..w1], m, k, n, &mut y);
+    Some((CpuStorage::F32(y), Shape::from((m, n))))
+}
+
 impl CustomOp2 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "frozen-matmul"
@@ -43,7 +66,10 @@ impl CustomOp2 for FrozenMatmul {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Self::forward(s1, l1, s2, l2)
+        match kernel_nt(s1, l1, s2, l2) {
+            Some(out) => Ok(out),
+            None => Self::forward(s1, l1, s2, l2),
+        }
     }
 
     fn cuda_fwd(
@@ -78,10 +104,12 @@ pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let m: usize = dims[..dims.len() - 1].iter().product();
     let (n, _) = w.dims2()?;
     let x2 = x.reshape((m, k))?;
+    // One op for inference and gradients alike, so both compute the same values; on the CPU it
+    // takes the streaming kernel for few rows (decoding) and the backend's GEMM otherwise.
     let y = if x2.track_op() {
         x2.apply_op2(w, FrozenMatmul)?
     } else {
-        x2.matmul(&w.t()?)?
+        x2.apply_op2_no_bwd(w, &FrozenMatmul)?
     };
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("non-empty") = n;
