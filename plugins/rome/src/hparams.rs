@@ -43,6 +43,12 @@ pub struct RomeHparams {
     /// MEMIT's λ in `λ·C + K Kᵀ` (EasyEdit `mom2_update_weight`).
     #[serde(default = "default_update_weight")]
     pub mom2_update_weight: f64,
+    /// AlphaEdit: eigenvalues of C below this span the null space the update is projected into.
+    #[serde(default = "default_nullspace_threshold")]
+    pub nullspace_threshold: f64,
+    /// AlphaEdit's `L2`: the ridge term in `[P (K Kᵀ + cache) + L2·I]⁻¹`.
+    #[serde(rename = "L2", default = "default_l2")]
+    pub l2: f64,
     /// `[[length, n_gen], ...]` of the generated context templates.
     pub context_template_length_params: Vec<(usize, usize)>,
     /// Fixed templates (each containing `{}`) instead of generated ones, e.g. `["{}"]`.
@@ -74,6 +80,12 @@ fn default_stats_batch_tokens() -> usize {
 }
 fn default_update_weight() -> f64 {
     15000.0
+}
+fn default_nullspace_threshold() -> f64 {
+    2e-2
+}
+fn default_l2() -> f64 {
+    10.0
 }
 fn default_seed() -> u64 {
     42
@@ -107,6 +119,16 @@ impl RomeHparams {
         if hp.v_lr.is_nan() || hp.v_lr <= 0.0 {
             return Err(PluginError::invalid(
                 "rome hparams: `v_lr` must be positive",
+            ));
+        }
+        if !(hp.l2.is_finite() && hp.l2 >= 0.0) {
+            return Err(PluginError::invalid(
+                "rome hparams: `L2` must be a finite number ≥ 0",
+            ));
+        }
+        if !(hp.nullspace_threshold.is_finite() && hp.nullspace_threshold > 0.0) {
+            return Err(PluginError::invalid(
+                "rome hparams: `nullspace_threshold` must be positive",
             ));
         }
         if hp.v_num_grad_steps == 0 {
@@ -192,6 +214,32 @@ pub const MEMIT_DEFAULT_HPARAMS: &str = r#"{
   "value_site": "layer.{}.resid_post"
 }"#;
 
+/// AlphaEdit defaults: MEMIT's, with EasyEdit's `AlphaEdit/llama3-8b.yaml` changes (METHODS.md
+/// §3.8): `v_lr` 0.1, `L2` 1, null-space threshold 2e-2.
+pub fn alphaedit_default_hparams() -> String {
+    let mut v: serde_json::Value =
+        serde_json::from_str(MEMIT_DEFAULT_HPARAMS).expect("MEMIT defaults parse");
+    v["v_lr"] = 0.1.into();
+    v["L2"] = 1.0.into();
+    v["nullspace_threshold"] = 2e-2.into();
+    serde_json::to_string_pretty(&v).expect("JSON value serialises")
+}
+
+/// Per-family AlphaEdit overrides: MEMIT's layers and loss settings; GPT-2 (XL) with `L2` 10.
+pub const ALPHAEDIT_FAMILY_DEFAULTS: &[(&str, &str)] = &[
+    (
+        "gpt2",
+        r#"{"layers": [13, 14, 15, 16, 17], "v_num_grad_steps": 20, "v_weight_decay": 0.5, "clamp_norm_factor": 0.75, "v_loss_layer": 47, "L2": 10.0}"#,
+    ),
+    ("llama", r#"{"layers": [4, 5, 6, 7, 8]}"#),
+    ("qwen", r#"{"layers": [4, 5, 6, 7, 8]}"#),
+    ("qwen2", r#"{"layers": [4, 5, 6, 7, 8]}"#),
+    ("qwen3", r#"{"layers": [4, 5, 6, 7, 8]}"#),
+    ("chatglm", r#"{"layers": [13, 14, 15, 16, 17]}"#),
+    ("glm", r#"{"layers": [13, 14, 15, 16, 17]}"#),
+    ("baichuan", r#"{"layers": [4, 5, 6, 7, 8]}"#),
+];
+
 /// Per-family MEMIT overrides (EasyEdit's per-model MEMIT files).
 pub const MEMIT_FAMILY_DEFAULTS: &[(&str, &str)] = &[
     (
@@ -275,6 +323,21 @@ mod tests {
                 assert!(
                     merged.get(k).is_some(),
                     "memit {family}: {k} is not a default key"
+                );
+                merged[k] = v.clone();
+            }
+            RomeHparams::from_json(&merged.to_string()).unwrap();
+        }
+        let abase: serde_json::Value = serde_json::from_str(&alphaedit_default_hparams()).unwrap();
+        let a = RomeHparams::from_json(&abase.to_string()).unwrap();
+        assert_eq!((a.l2, a.nullspace_threshold, a.v_lr), (1.0, 2e-2, 0.1));
+        for (family, json) in ALPHAEDIT_FAMILY_DEFAULTS {
+            let mut merged = abase.clone();
+            let over: serde_json::Value = serde_json::from_str(json).unwrap();
+            for (k, v) in over.as_object().unwrap() {
+                assert!(
+                    merged.get(k).is_some(),
+                    "alphaedit {family}: {k} is not a default key"
                 );
                 merged[k] = v.clone();
             }

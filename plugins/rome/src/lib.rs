@@ -1,9 +1,11 @@
 //! kedit editor plugin: locate-then-edit. ROME (METHODS.md §3) with EasyEdit's exact loss,
 //! generated context templates and optional `C⁻¹` key adjustment from corpus key statistics.
 //! MEMIT (§3.7): multi-layer, many requests per call, λ·C regularised least squares in f64.
+//! AlphaEdit (§3.8): MEMIT's update projected into the null space of the corpus keys.
 //! Causal tracing (`locate`). The corpus and the statistics cache come from the host's
-//! services (plugin API level 3). AlphaEdit is not implemented yet.
+//! services (plugin API level 3).
 
+pub mod alphaedit;
 pub mod hparams;
 pub mod linalg;
 pub mod memit;
@@ -24,13 +26,15 @@ use kedit_plugin_api::{
 use serde::Serialize;
 
 use hparams::{
-    RomeHparams, DEFAULT_HPARAMS, FAMILY_DEFAULTS, MEMIT_DEFAULT_HPARAMS, MEMIT_FAMILY_DEFAULTS,
+    alphaedit_default_hparams, RomeHparams, ALPHAEDIT_FAMILY_DEFAULTS, DEFAULT_HPARAMS,
+    FAMILY_DEFAULTS, MEMIT_DEFAULT_HPARAMS, MEMIT_FAMILY_DEFAULTS,
 };
 use rome::{LayerTrace, RomeRequest};
 use stats::{SecondMoment, StatsReport};
 
 pub const METHOD_ROME: &str = "rome";
 pub const METHOD_MEMIT: &str = "memit";
+pub const METHOD_ALPHAEDIT: &str = "alphaedit";
 
 fn family_defaults(list: &[(&str, &str)]) -> abi_stable::std_types::RVec<FamilyDefaults> {
     list.iter()
@@ -47,7 +51,7 @@ pub fn info() -> PluginInfo {
         name: "rome".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         api_level: API_LEVEL,
-        description: "locate-then-edit: ROME rank-one and MEMIT multi-layer edits of MLP output projections".into(),
+        description: "locate-then-edit: ROME rank-one, MEMIT and AlphaEdit multi-layer edits of MLP output projections".into(),
         families: Default::default(),
         methods: vec![MethodInfo {
             name: METHOD_ROME.into(),
@@ -59,6 +63,11 @@ pub fn info() -> PluginInfo {
             description: "MEMIT: residual targets z at the last edited layer, spread over several layers' MLP output weights by λ·C-regularised least squares (many requests per call)".into(),
             default_hparams_json: MEMIT_DEFAULT_HPARAMS.into(),
             family_defaults: family_defaults(MEMIT_FAMILY_DEFAULTS),
+        }, MethodInfo {
+            name: METHOD_ALPHAEDIT.into(),
+            description: "AlphaEdit: MEMIT's targets and keys, each layer's update projected into the null space of the corpus keys (and of earlier edits' keys)".into(),
+            default_hparams_json: alphaedit_default_hparams().into(),
+            family_defaults: family_defaults(ALPHAEDIT_FAMILY_DEFAULTS),
         }]
         .into(),
         capabilities: vec![kedit_plugin_api::capability::LOCATE.into()].into(),
@@ -87,6 +96,10 @@ pub struct RomeEditor {
     /// Corpora read so far, by (source, samples): read once per process.
     corpora: HashMap<(String, usize), Arc<TextDocuments>>,
     stats: HashMap<String, Arc<std::sync::Mutex<CachedStats>>>,
+    /// AlphaEdit's null-space projectors, by layer statistics and threshold.
+    projectors: alphaedit::ProjectorCache,
+    /// AlphaEdit's keys of earlier edits, by the weights they left (saved with `--save`).
+    alpha_history: alphaedit::KeyHistory,
     /// Parity tests only: the δ of every forward of the v optimisation, replayed instead of
     /// the editor's own Adam trajectory (see [`rome::compute_v`]).
     #[doc(hidden)]
@@ -385,20 +398,8 @@ impl RomeEditor {
         progress: &mut ProgressMut<'_>,
     ) -> Result<MemitOutcome, PluginError> {
         let facts = model.facts()?;
-        let mut layers = hp.layers.clone();
-        layers.sort_unstable();
-        layers.dedup();
-        if let Some(&l) = layers.iter().find(|&&l| l >= facts.n_layers as usize) {
-            return Err(PluginError::invalid(format!(
-                "memit: layer {l} does not exist (the model has {} layers)",
-                facts.n_layers
-            )));
-        }
-        let contexts = self.context_templates(model, hp, " ")?;
-        // EasyEdit's two groups: the bare "{}" and the generated ones.
-        let (bare, rest): (Vec<String>, Vec<String>) =
-            contexts.into_iter().partition(|c| c == "{}");
-        let groups: Vec<Vec<String>> = [bare, rest].into_iter().filter(|g| !g.is_empty()).collect();
+        let layers = self.memit_layers(hp, facts.n_layers as usize, METHOD_MEMIT)?;
+        let groups = self.memit_groups(model, hp)?;
         let reqs: Vec<RomeRequest> = requests
             .iter()
             .map(|r| RomeRequest::new(model, r, false))
@@ -413,8 +414,124 @@ impl RomeEditor {
             }
         }
         let cov = |l: usize| covs.get(&l).cloned();
-        let trace = memit::run(model, hp, &reqs, &groups, &layers, &cov, progress)?;
+        let trace = memit::run(
+            model,
+            hp,
+            &reqs,
+            &groups,
+            &layers,
+            &memit::Update::Memit(&cov),
+            progress,
+        )?;
         Ok((groups, trace, stat_reports))
+    }
+
+    /// AlphaEdit: MEMIT's procedure with the null-space projected solve; afterwards the
+    /// requests' keys on the edited model join the history that later edits of this model use.
+    pub fn run_alphaedit(
+        &mut self,
+        model: &mut ModelClient<'_>,
+        requests: &[EditRequest],
+        hp: &RomeHparams,
+        progress: &mut ProgressMut<'_>,
+    ) -> Result<MemitOutcome, PluginError> {
+        let facts = model.facts()?;
+        let layers = self.memit_layers(hp, facts.n_layers as usize, METHOD_ALPHAEDIT)?;
+        let groups = self.memit_groups(model, hp)?;
+        let reqs: Vec<RomeRequest> = requests
+            .iter()
+            .map(|r| RomeRequest::new(model, r, false))
+            .collect::<Result<_, _>>()?;
+        let mut stat_reports = Vec::new();
+        // P needs C whatever `mom2_adjustment` says: the projection replaces the λC term.
+        let stats = self.key_statistics_for(model, hp, &layers, progress, &mut stat_reports)?;
+        let mut projectors: HashMap<usize, Arc<alphaedit::Projector>> = HashMap::new();
+        let mut d_in = 0;
+        for (&l, s) in layers.iter().zip(&stats) {
+            let s = s.lock().unwrap();
+            let key = format!(
+                "{}|{}|{}|{}|{}",
+                facts.source, l, hp.mom2_dataset, hp.mom2_n_samples, hp.nullspace_threshold
+            );
+            let d = (s.moment.c.len() as f64).sqrt() as usize;
+            d_in = d;
+            let p = match self.projectors.get(&key) {
+                Some(p) => p.clone(),
+                None => {
+                    let p = Arc::new(alphaedit::Projector::from_second_moment(
+                        &s.moment.c,
+                        d,
+                        hp.nullspace_threshold,
+                    )?);
+                    self.projectors.insert(key, p.clone());
+                    p
+                }
+            };
+            projectors.insert(l, p);
+        }
+        let before = alphaedit::weights_fingerprint(model, &hp.rewrite_site, &layers)?;
+        let caches: HashMap<usize, nalgebra::DMatrix<f64>> = layers
+            .iter()
+            .filter_map(|&l| Some((l, self.alpha_history.cache(before, l, d_in)?)))
+            .collect();
+        let projector = |l: usize| projectors[&l].clone();
+        let cache = |l: usize| caches.get(&l).cloned();
+        let trace = memit::run(
+            model,
+            hp,
+            &reqs,
+            &groups,
+            &layers,
+            &memit::Update::AlphaEdit {
+                projector: &projector,
+                cache: &cache,
+                l2: hp.l2,
+            },
+            progress,
+        )?;
+        let mut keys = HashMap::new();
+        for &l in &layers {
+            let ks = memit::group_keys(model, &layer_site(&hp.key_site, l), &reqs, &groups)?;
+            keys.insert(
+                l,
+                ks.iter()
+                    .map(|k| k.iter().map(|&v| v as f32).collect())
+                    .collect(),
+            );
+        }
+        let after = alphaedit::weights_fingerprint(model, &hp.rewrite_site, &layers)?;
+        self.alpha_history.record(before, after, keys);
+        Ok((groups, trace, stat_reports))
+    }
+
+    /// The edited layers, ascending, each checked to exist.
+    fn memit_layers(
+        &self,
+        hp: &RomeHparams,
+        n_layers: usize,
+        method: &str,
+    ) -> Result<Vec<usize>, PluginError> {
+        let mut layers = hp.layers.clone();
+        layers.sort_unstable();
+        layers.dedup();
+        if let Some(&l) = layers.iter().find(|&&l| l >= n_layers) {
+            return Err(PluginError::invalid(format!(
+                "{method}: layer {l} does not exist (the model has {n_layers} layers)"
+            )));
+        }
+        Ok(layers)
+    }
+
+    /// EasyEdit's two template groups for MEMIT-style keys: the bare "{}" and the generated ones.
+    fn memit_groups(
+        &mut self,
+        model: &ModelClient<'_>,
+        hp: &RomeHparams,
+    ) -> Result<Vec<Vec<String>>, PluginError> {
+        let contexts = self.context_templates(model, hp, " ")?;
+        let (bare, rest): (Vec<String>, Vec<String>) =
+            contexts.into_iter().partition(|c| c == "{}");
+        Ok([bare, rest].into_iter().filter(|g| !g.is_empty()).collect())
     }
 }
 
@@ -439,24 +556,26 @@ impl Editor for RomeEditor {
         hparams_json: &str,
         progress: &mut ProgressMut<'_>,
     ) -> Result<EditReport, PluginError> {
-        if method == METHOD_MEMIT {
+        if method == METHOD_MEMIT || method == METHOD_ALPHAEDIT {
             let hp = RomeHparams::from_json(hparams_json)?;
-            let (groups, trace, statistics) = self.run_memit(model, requests, &hp, progress)?;
+            let (groups, trace, statistics) = if method == METHOD_MEMIT {
+                self.run_memit(model, requests, &hp, progress)?
+            } else {
+                self.run_alphaedit(model, requests, &hp, progress)?
+            };
             let details = serde_json::json!({
                 "context_templates": groups,
-                "memit": trace,
+                method: trace,
                 "statistics": statistics,
             });
             return Ok(EditReport {
-                method: METHOD_MEMIT.into(),
+                method: method.into(),
                 requests: requests.len() as u32,
                 details_json: details.to_string().into(),
             });
         }
         if method != METHOD_ROME {
-            return Err(PluginError::invalid(format!(
-                "the rome plugin has no method '{method}' (it has: {METHOD_ROME}, {METHOD_MEMIT})"
-            )));
+            return Err(unknown_method(method));
         }
         let hp = RomeHparams::from_json(hparams_json)?;
         let (contexts, layers, statistics) = self.run_rome(model, requests, &hp, progress)?;
@@ -482,13 +601,45 @@ impl Editor for RomeEditor {
         hparams_json: &str,
         progress: &mut ProgressMut<'_>,
     ) -> Result<String, PluginError> {
-        if method != METHOD_ROME && method != METHOD_MEMIT {
-            return Err(PluginError::invalid(format!(
-                "the rome plugin has no method '{method}' (it has: {METHOD_ROME}, {METHOD_MEMIT})"
-            )));
+        if ![METHOD_ROME, METHOD_MEMIT, METHOD_ALPHAEDIT].contains(&method) {
+            return Err(unknown_method(method));
         }
         trace::locate(model, method, requests, hparams_json, progress)
     }
+
+    /// AlphaEdit's key history (the only state that outlives a call besides caches).
+    fn save_state(&self) -> Result<Vec<u8>, PluginError> {
+        if self.alpha_history.is_empty() {
+            return Ok(Vec::new());
+        }
+        serde_json::to_vec(&self.alpha_history).map_err(|e| {
+            PluginError::internal(format!(
+                "rome: cannot serialise AlphaEdit's key history: {e}"
+            ))
+        })
+    }
+
+    fn load_state(
+        &mut self,
+        _model: &mut ModelClient<'_>,
+        state: &[u8],
+    ) -> Result<(), PluginError> {
+        if state.is_empty() {
+            return Ok(());
+        }
+        self.alpha_history = serde_json::from_slice(state).map_err(|e| {
+            PluginError::invalid(format!(
+                "rome: the saved editor state is not AlphaEdit's key history: {e}"
+            ))
+        })?;
+        Ok(())
+    }
+}
+
+fn unknown_method(method: &str) -> PluginError {
+    PluginError::invalid(format!(
+        "the rome plugin has no method '{method}' (it has: {METHOD_ROME}, {METHOD_MEMIT}, {METHOD_ALPHAEDIT})"
+    ))
 }
 
 pub fn new_editor() -> Result<EditorBox, PluginError> {

@@ -5,7 +5,8 @@
 //! `ΔW_l = R_l K_lᵀ (λ C_l + K_l K_lᵀ)⁻¹`, `R_l = (Z − H_L(current model)) / (|layers| − i)`,
 //!
 //! solved in f64, each layer's update written (journaled) before the next layer's keys and
-//! residuals are read.
+//! residuals are read. AlphaEdit ([`crate::alphaedit`]) shares all of this but the solve
+//! ([`Update`]).
 
 use kedit_plugin_api::{
     site::layer_site, Batch, ForwardRequest, LogitsWanted, ModelClient, Padding, PluginError,
@@ -13,6 +14,7 @@ use kedit_plugin_api::{
 };
 use serde::Serialize;
 
+use crate::alphaedit::{self, Projector};
 use crate::hparams::RomeHparams;
 use crate::linalg;
 use crate::rome::{self, RomeRequest, StepRecord};
@@ -32,6 +34,24 @@ pub struct MemitLayerTrace {
     /// ‖Z − H_L‖ (Frobenius over requests) before this layer's update.
     pub residual_norm: f64,
     pub delta_w_fro_norm: f64,
+    /// AlphaEdit: the rank of the null-space projector (of `d_in`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub null_space_dim: Option<usize>,
+    /// AlphaEdit: whether earlier edits' keys (`cache`) took part.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cached_edits: Option<bool>,
+}
+
+/// How a layer turns its keys into the right factor of its update.
+pub enum Update<'a> {
+    /// MEMIT: `adj_r = (λC + K Kᵀ)⁻¹ k_r`; `C` is the identity when the closure gives `None`.
+    Memit(&'a dyn Fn(usize) -> Option<std::sync::Arc<Vec<f64>>>),
+    /// AlphaEdit: `adj_r = [P (K Kᵀ + cache) + L2·I]⁻¹ P k_r`.
+    AlphaEdit {
+        projector: &'a dyn Fn(usize) -> std::sync::Arc<Projector>,
+        cache: &'a dyn Fn(usize) -> Option<nalgebra::DMatrix<f64>>,
+        l2: f64,
+    },
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -43,7 +63,7 @@ pub struct MemitTrace {
 
 /// Keys (`key_site` at `layer`) at the subject's last token of each request, averaged within
 /// each template group and then across groups (`compute_ks`).
-fn group_keys(
+pub(crate) fn group_keys(
     model: &ModelClient<'_>,
     site: &str,
     reqs: &[RomeRequest],
@@ -89,6 +109,51 @@ fn group_keys(
     Ok(out)
 }
 
+/// MEMIT's `(λC + K Kᵀ)⁻¹ k_r` for every key (Cholesky in f64).
+fn memit_adjusted_keys(
+    hp: &RomeHparams,
+    layer: usize,
+    ks: &[Vec<f64>],
+    d_in: usize,
+    cov: &dyn Fn(usize) -> Option<std::sync::Arc<Vec<f64>>>,
+) -> Result<Vec<Vec<f64>>, PluginError> {
+    let mut a = match cov(layer) {
+        Some(c) => c
+            .iter()
+            .map(|v| v * hp.mom2_update_weight)
+            .collect::<Vec<f64>>(),
+        None => {
+            let mut id = vec![0f64; d_in * d_in];
+            for i in 0..d_in {
+                id[i * d_in + i] = hp.mom2_update_weight;
+            }
+            id
+        }
+    };
+    for k in ks {
+        for i in 0..d_in {
+            let ki = k[i];
+            if ki == 0.0 {
+                continue;
+            }
+            let row = &mut a[i * d_in..(i + 1) * d_in];
+            for (x, &kj) in row.iter_mut().zip(k) {
+                *x += ki * kj;
+            }
+        }
+    }
+    let chol = linalg::cholesky(&a, d_in).map_err(|e| {
+        PluginError::numeric(format!(
+            "memit: λC + KKᵀ of layer {layer} is not positive definite: {}",
+            e.message
+        ))
+    })?;
+    Ok(ks
+        .iter()
+        .map(|k| linalg::cholesky_solve(&chol, d_in, k))
+        .collect())
+}
+
 /// The activation at `site` at (row, lookup[row]) for each row of a right-padded batch.
 fn capture_at(
     model: &ModelClient<'_>,
@@ -109,8 +174,7 @@ fn capture_at(
         .collect())
 }
 
-/// Runs MEMIT over all `reqs` in one batch. `solver(layer)` gives `λ`-free access to C of that
-/// layer's keys (`d_in × d_in`, f64).
+/// Runs MEMIT (or AlphaEdit, per `update`) over all `reqs` in one batch.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     model: &mut ModelClient<'_>,
@@ -118,7 +182,7 @@ pub fn run(
     reqs: &[RomeRequest],
     groups: &[Vec<String>],
     layers: &[usize],
-    cov: &dyn Fn(usize) -> Option<std::sync::Arc<Vec<f64>>>,
+    update: &Update<'_>,
     progress: &mut ProgressMut<'_>,
 ) -> Result<MemitTrace, PluginError> {
     let z_layer = *layers.last().expect("layers checked non-empty");
@@ -195,42 +259,19 @@ pub fn run(
             .map(|v| v * v * spread * spread)
             .sum::<f64>()
             .sqrt();
-        // A = λC + K Kᵀ (d_in × d_in), adj = A⁻¹ K.
-        let mut a = match cov(layer) {
-            Some(c) => c
-                .iter()
-                .map(|v| v * hp.mom2_update_weight)
-                .collect::<Vec<f64>>(),
-            None => {
-                let mut id = vec![0f64; d_in * d_in];
-                for i in 0..d_in {
-                    id[i * d_in + i] = hp.mom2_update_weight;
-                }
-                id
+        let (adj, null_space_dim, cached_edits) = match update {
+            Update::Memit(cov) => (memit_adjusted_keys(hp, layer, &ks, d_in, cov)?, None, None),
+            Update::AlphaEdit {
+                projector,
+                cache,
+                l2,
+            } => {
+                let p = projector(layer);
+                let cache = cache(layer);
+                let adj = alphaedit::adjusted_keys(&p, &ks, cache.as_ref(), *l2)?;
+                (adj, Some(p.null_dim), Some(cache.is_some()))
             }
         };
-        for k in &ks {
-            for i in 0..d_in {
-                let ki = k[i];
-                if ki == 0.0 {
-                    continue;
-                }
-                let row = &mut a[i * d_in..(i + 1) * d_in];
-                for (x, &kj) in row.iter_mut().zip(k) {
-                    *x += ki * kj;
-                }
-            }
-        }
-        let chol = linalg::cholesky(&a, d_in).map_err(|e| {
-            PluginError::numeric(format!(
-                "memit: λC + KKᵀ of layer {layer} is not positive definite: {}",
-                e.message
-            ))
-        })?;
-        let adj: Vec<Vec<f64>> = ks
-            .iter()
-            .map(|k| linalg::cholesky_solve(&chol, d_in, k))
-            .collect();
         // ΔW[o, i] = Σ_r resid[r][o] · adj[r][i].
         let site = layer_site(&hp.rewrite_site, layer);
         let mut w = model.read_weight(&site)?;
@@ -261,6 +302,8 @@ pub fn run(
             site,
             residual_norm,
             delta_w_fro_norm: sq.sqrt(),
+            null_space_dim,
+            cached_edits,
         });
     }
     Ok(MemitTrace {

@@ -112,3 +112,98 @@ fn memit_edits_two_facts_at_once_and_undoes_exactly() {
         assert_eq!(&client.read_weight(s).unwrap(), w, "{s}: undo");
     }
 }
+
+#[test]
+fn alphaedit_edits_in_the_null_space_and_its_key_cache_follows_rollbacks() {
+    let mut model = open_smollm2();
+    let mut client = ModelClient::new(model.sabi_reborrow_mut());
+    let mut hp: Value = serde_json::from_str(&hparams::alphaedit_default_hparams()).unwrap();
+    hp["mom2_dataset"] = corpus().into();
+    hp["mom2_n_samples"] = 50.into();
+    hp["context_templates"] = serde_json::json!(["{}"]);
+    hp["v_lr"] = 0.5.into();
+    let hp = hparams::RomeHparams::from_json(&hp.to_string()).unwrap();
+    let eiffel = EditRequest::fact(
+        "The Eiffel Tower is located in the city of",
+        "The Eiffel Tower",
+        "Rome",
+    );
+    let darrieux = EditRequest::fact(
+        "The mother tongue of Danielle Darrieux is",
+        "Danielle Darrieux",
+        "English",
+    );
+    let target = |r: &EditRequest| {
+        client
+            .tokenize(&format!(" {}", r.target_new), false)
+            .unwrap()[0]
+    };
+    let (t_eiffel, t_darrieux) = (target(&eiffel), target(&darrieux));
+    let sites: Vec<String> = (4..=8).map(|l| format!("layer.{l}.mlp.down")).collect();
+    let before: Vec<_> = sites
+        .iter()
+        .map(|s| client.read_weight(s).unwrap())
+        .collect();
+    let mark = client.journal_mark().unwrap();
+    let mut quiet = kedit_plugin_api::testing::QuietProgress;
+    let mut progress = Progress_TO::from_ptr(&mut quiet, TD_Opaque);
+    let mut editor = RomeEditor::with_host(kedit_plugin_api::FileServices::new(".", None).boxed());
+
+    let (_, first, _) = editor
+        .run_alphaedit(
+            &mut client,
+            std::slice::from_ref(&eiffel),
+            &hp,
+            &mut progress,
+        )
+        .unwrap();
+    eprintln!("{}", serde_json::to_string(&first).unwrap());
+    assert_eq!(first.layers.len(), 5);
+    for l in &first.layers {
+        let dim = l.null_space_dim.unwrap();
+        assert!(
+            dim > 0 && dim < 1536,
+            "layer {}: null space of dim {dim}",
+            l.layer
+        );
+        assert_eq!(
+            l.cached_edits,
+            Some(false),
+            "the first edit has no earlier keys"
+        );
+    }
+    assert_eq!(argmax_after(&client, &eiffel.prompt), t_eiffel);
+
+    // A second edit on top of the first is solved with the first one's keys.
+    let (_, second, _) = editor
+        .run_alphaedit(
+            &mut client,
+            std::slice::from_ref(&darrieux),
+            &hp,
+            &mut progress,
+        )
+        .unwrap();
+    assert!(second.layers.iter().all(|l| l.cached_edits == Some(true)));
+    assert_eq!(argmax_after(&client, &darrieux.prompt), t_darrieux);
+    assert_eq!(
+        argmax_after(&client, &eiffel.prompt),
+        t_eiffel,
+        "the second edit undid the first"
+    );
+
+    // Rolled back to the unedited model, an edit starts without a cache again.
+    client.journal_rollback(mark).unwrap();
+    for (s, w) in sites.iter().zip(&before) {
+        assert_eq!(&client.read_weight(s).unwrap(), w, "{s}: undo");
+    }
+    let (_, again, _) = editor
+        .run_alphaedit(
+            &mut client,
+            std::slice::from_ref(&darrieux),
+            &hp,
+            &mut progress,
+        )
+        .unwrap();
+    assert!(again.layers.iter().all(|l| l.cached_edits == Some(false)));
+    client.journal_rollback(mark).unwrap();
+}
