@@ -44,10 +44,20 @@ fn restore_default_sigpipe() {}
 /// candle asks for the thread count on every matmul and, unless `RAYON_NUM_THREADS` is set,
 /// re-reads the CPU topology each time (6–10% of decode time on SmolLM2). Fixing it once here,
 /// before any thread exists, removes that cost for the model plugins in this process.
+///
+/// candle's element-wise ops run on a second pool of threads that spin at a barrier between ops
+/// (`BarrierGuard::drop`, up to 25,000 spins before a worker parks). Those spinning threads take
+/// the cores from the rayon threads doing the matmuls: a ROME edit on SmolLM2 spent half its CPU
+/// time spinning (59 s against 22 s with the pool off, same machine, same load). Element-wise ops
+/// are memory-bound and small here, so they run on the calling thread (`CANDLE_NUM_THREADS=1`);
+/// matmuls keep every core through rayon. Users can still set either variable themselves.
 fn pin_compute_threads() {
+    // Called first thing in main, while the process is still single-threaded.
     if std::env::var_os("RAYON_NUM_THREADS").is_none() {
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        // Called first thing in main, while the process is still single-threaded.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }
