@@ -142,6 +142,35 @@ impl<'a> Pass<'a> {
         &self.positions
     }
 
+    /// Whether this call intervenes on or captures `site`.
+    pub fn touches(&self, site: &ActSite) -> bool {
+        self.edits.contains_key(site) || self.capture.contains(site)
+    }
+
+    /// The per-head q/k/v path of block `layer` computes the projections itself, so it cannot
+    /// honour what only [`Pass::linear`] applies: modules and gradient taps at `attn.{q,k,v}`,
+    /// and the KV cache (whose key/value heads stay grouped).
+    pub fn check_per_head(&self, layer: usize) -> Result<()> {
+        let what = format!("site 'layer.{layer}.head_in'");
+        if self.cache.is_some() {
+            return Err(crate::error::invalid(format!(
+                "{what} cannot be used with a KV cache or a prepared prefix"
+            )));
+        }
+        for site in [
+            WeightSite::AttnQ(layer),
+            WeightSite::AttnK(layer),
+            WeightSite::AttnV(layer),
+        ] {
+            if self.modules.has_site(site) || self.tap_sites.contains(&site) {
+                return Err(crate::error::invalid(format!(
+                    "{what} cannot be combined with a module or a site gradient at '{site}'"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Passes `h` through activation site `site`: applies its interventions, then records it if
     /// captured.
     pub fn act(&mut self, site: ActSite, h: Tensor) -> Result<Tensor> {
