@@ -13,6 +13,7 @@
 //! | `layer.{i}.mlp_out` | output of the MLP output projection (ROME's v) |
 //! | `layer.{i}.attn_z` | input of the attention output projection, `[batch, seq, heads·head_dim]`: head h's slice times its columns of `layer.{i}.attn.o` is head h's output |
 //! | `layer.{i}.head_in` | the residual stream as each head of block i sees it, before the pre-attention norm, `[batch, seq, heads·d_model]` (head-major); an intervention here changes the q/k/v input of that head only |
+//! | `layer.{i}.attn_probs` | attention probabilities of block i, `[batch, seq, heads·keys]` (query-major; keys = the call's positions): capture only |
 //! | `layer.{i}.mlp_in` | the residual stream as block i's MLP sees it, before its norm; an intervention here changes the MLP's input only, not the residual stream |
 //! | `final_norm` | output of the final norm, the input of the LM head |
 //!
@@ -37,6 +38,7 @@ pub enum ActSite {
     AttnZ(usize),
     HeadIn(usize),
     MlpIn(usize),
+    AttnProbs(usize),
     FinalNorm,
 }
 
@@ -51,7 +53,8 @@ impl ActSite {
             | ActSite::MlpOut(i)
             | ActSite::AttnZ(i)
             | ActSite::HeadIn(i)
-            | ActSite::MlpIn(i) => Some(i),
+            | ActSite::MlpIn(i)
+            | ActSite::AttnProbs(i) => Some(i),
             ActSite::Embed | ActSite::FinalNorm => None,
         }
     }
@@ -69,13 +72,14 @@ impl fmt::Display for ActSite {
             ActSite::AttnZ(i) => write!(f, "layer.{i}.attn_z"),
             ActSite::HeadIn(i) => write!(f, "layer.{i}.head_in"),
             ActSite::MlpIn(i) => write!(f, "layer.{i}.mlp_in"),
+            ActSite::AttnProbs(i) => write!(f, "layer.{i}.attn_probs"),
             ActSite::FinalNorm => write!(f, "final_norm"),
         }
     }
 }
 
 const ACT_HELP: &str =
-    "embed, final_norm, layer.N.{resid_pre, resid_post, attn_out, mlp_key, mlp_out, attn_z, head_in, mlp_in}";
+    "embed, final_norm, layer.N.{resid_pre, resid_post, attn_out, mlp_key, mlp_out, attn_z, head_in, mlp_in, attn_probs}";
 const WEIGHT_HELP: &str =
     "embed.weight, lm_head, layer.N.mlp.{down, up, gate}, layer.N.attn.{q, k, v, o}";
 
@@ -107,6 +111,7 @@ impl FromStr for ActSite {
                 "attn_z" => ActSite::AttnZ(i),
                 "head_in" => ActSite::HeadIn(i),
                 "mlp_in" => ActSite::MlpIn(i),
+                "attn_probs" => ActSite::AttnProbs(i),
                 _ => {
                     return Err(PluginError::invalid(format!(
                         "unknown activation site '{s}' (sites: {ACT_HELP})"
@@ -219,6 +224,7 @@ mod tests {
             ActSite::AttnZ(4),
             ActSite::HeadIn(2),
             ActSite::MlpIn(1),
+            ActSite::AttnProbs(0),
         ] {
             assert_eq!(s.to_string().parse::<ActSite>().unwrap(), s);
         }

@@ -279,7 +279,18 @@ impl<'a> Pass<'a> {
             path: self.path,
         };
         let cache = self.cache.as_deref_mut().map(|c| (c, layer));
-        Ok(attention(shape, q, k, v, &inputs, cache)?)
+        let (out, probs) = attention(shape, q, k, v, &inputs, cache)?;
+        let site = ActSite::AttnProbs(layer);
+        if self.capture.contains(&site) {
+            // [batch, heads, seq, keys] → [batch, seq, heads·keys], as captures are laid out.
+            let (b, h, s, keys) = probs.dims4()?;
+            let probs = probs
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b, s, h * keys))?;
+            self.captured.insert(site, probs.detach());
+        }
+        Ok(out)
     }
 
     /// Marks that this call's tokens went through every layer (generation).
