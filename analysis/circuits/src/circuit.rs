@@ -1,0 +1,205 @@
+//! One knowledge circuit: score every edge with EAP-IG, keep the top n, prune dead nodes,
+//! measure faithfulness, and name the mover and relation heads.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
+
+use kedit_plugin_api::PluginError;
+use serde::{Deserialize, Serialize};
+
+use crate::eap::{self, PairRuns, PromptPair};
+use crate::graph::{self, Edge, Node};
+use crate::probe::{dot, Probe};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitSettings {
+    /// Edges kept before pruning dead nodes (KnowledgeCircuits' `apply_topn`).
+    pub top_n: usize,
+    /// Interpolation points of the integrated gradients (1: plain EAP at the clean prompt).
+    pub ig_steps: usize,
+    /// Attention mass from the last token that makes a head a mover (on the subject) or a
+    /// relation head (on the relation tokens).
+    pub role_threshold: f64,
+}
+
+impl Default for CircuitSettings {
+    fn default() -> Self {
+        Self {
+            top_n: 200,
+            ig_steps: 5,
+            role_threshold: 0.3,
+        }
+    }
+}
+
+/// A head named for its role, with the evidence.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeadRole {
+    pub head: Node,
+    /// Attention mass from the last token on the subject (movers) or relation tokens.
+    pub attention: f64,
+    /// Direct effect on the metric: the head's clean output at the last position times the
+    /// metric's (integrated) gradient at the logits' input (positive: it pushes the answer).
+    pub direct_effect: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Circuit {
+    pub metric: String,
+    pub metric_clean: f64,
+    pub metric_corrupt: f64,
+    /// The clean prompt's metric with every edge outside the circuit patched to its corrupted
+    /// activation.
+    pub metric_circuit: f64,
+    /// `metric_circuit / metric_clean`.
+    pub faithfulness: f64,
+    /// `(metric_circuit − metric_corrupt) / (metric_clean − metric_corrupt)`.
+    pub normalized_faithfulness: f64,
+    pub faithfulness_passes: usize,
+    pub edges_total: usize,
+    pub edges_kept_before_pruning: usize,
+    pub nodes: Vec<Node>,
+    /// Kept edges, largest |score| first.
+    pub edges: Vec<Edge>,
+    pub mover_heads: Vec<HeadRole>,
+    pub relation_heads: Vec<HeadRole>,
+    /// See [`PairRuns::additivity_error`]; edge scores assume it is 0.
+    pub additivity_error: f64,
+    pub settings: CircuitSettings,
+    pub seconds: f64,
+}
+
+/// Finds the circuit of one prompt pair.
+pub fn find_circuit(
+    probe: &Probe<'_, '_>,
+    pair: &PromptPair,
+    settings: &CircuitSettings,
+) -> Result<Circuit, PluginError> {
+    let start = Instant::now();
+    let facts = probe.client.facts()?;
+    pair.check(facts.vocab_size as usize)?;
+    if settings.top_n == 0 {
+        return Err(PluginError::invalid("top_n must be at least 1"));
+    }
+    let runs = PairRuns::new(probe, pair)?;
+    let differences = runs.differences();
+    let gradients = eap::input_gradients(probe, pair, &runs, settings.ig_steps)?;
+    let all = eap::score_edges(probe, &differences, &gradients);
+    let top = graph::top_n(&all, settings.top_n);
+    let mut edges = graph::prune_dead_nodes(top);
+    edges.sort_by(|a, b| b.score.abs().total_cmp(&a.score.abs()));
+    let (metric_circuit, passes) = eap::circuit_metric(probe, pair, &runs, &edges)?;
+    let nodes = graph::nodes_of(&edges);
+    let (mover_heads, relation_heads) =
+        head_roles(probe, pair, &runs, &gradients, &nodes, settings);
+    let span = runs.metric_clean - runs.metric_corrupt;
+    Ok(Circuit {
+        metric: "logit(answer) - logit(foil) at the last token".into(),
+        metric_clean: runs.metric_clean,
+        metric_corrupt: runs.metric_corrupt,
+        metric_circuit,
+        faithfulness: metric_circuit / runs.metric_clean,
+        normalized_faithfulness: (metric_circuit - runs.metric_corrupt) / span,
+        faithfulness_passes: passes,
+        edges_total: all.len(),
+        edges_kept_before_pruning: settings.top_n.min(all.len()),
+        nodes,
+        edges,
+        mover_heads,
+        relation_heads,
+        additivity_error: runs.additivity_error(),
+        settings: settings.clone(),
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Mover heads: circuit heads whose attention from the last token puts at least
+/// `role_threshold` of its mass on the subject's tokens and whose direct effect on the metric
+/// is positive. Relation heads: circuit heads that put at least that mass on the relation
+/// tokens (after the subject, before the last token). Both sorted by attention mass.
+fn head_roles(
+    probe: &Probe<'_, '_>,
+    pair: &PromptPair,
+    runs: &PairRuns,
+    gradients: &crate::probe::NodeVectors,
+    circuit: &[Node],
+    settings: &CircuitSettings,
+) -> (Vec<HeadRole>, Vec<HeadRole>) {
+    let s = probe.shape;
+    let seq = pair.clean.len();
+    let last = seq - 1;
+    let d = s.d_model;
+    let probs = runs
+        .clean
+        .attn_probs
+        .as_ref()
+        .expect("the clean run captures attention");
+    let relation: BTreeSet<usize> = (pair.subject.end..last).collect();
+    let logit_grad = &gradients[&Node::Logits][last * d..(last + 1) * d];
+    let (mut movers, mut relations) = (Vec::new(), Vec::new());
+    for &node in circuit {
+        let Node::Head { layer, head } = node else {
+            continue;
+        };
+        let row = &probs[layer][last * s.n_heads * seq + head * seq..][..seq];
+        let on = |set: &mut dyn Iterator<Item = usize>| set.map(|j| row[j] as f64).sum::<f64>();
+        let subject_mass = on(&mut pair.subject.clone());
+        let relation_mass = on(&mut relation.iter().copied());
+        let out = &runs.clean.outputs[&node][last * d..(last + 1) * d];
+        let direct_effect = dot(out, logit_grad);
+        if subject_mass >= settings.role_threshold && direct_effect > 0.0 {
+            movers.push(HeadRole {
+                head: node,
+                attention: subject_mass,
+                direct_effect,
+            });
+        }
+        if relation_mass >= settings.role_threshold {
+            relations.push(HeadRole {
+                head: node,
+                attention: relation_mass,
+                direct_effect,
+            });
+        }
+    }
+    movers.sort_by(|a, b| b.attention.total_cmp(&a.attention));
+    relations.sort_by(|a, b| b.attention.total_cmp(&a.attention));
+    (movers, relations)
+}
+
+/// Edges of `after` that `before` lacks (appeared) and the reverse (vanished).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CircuitDiff {
+    pub appeared: Vec<Edge>,
+    pub vanished: Vec<Edge>,
+    pub kept_in_both: usize,
+    pub nodes_appeared: Vec<Node>,
+    pub nodes_vanished: Vec<Node>,
+}
+
+pub fn compare(before: &Circuit, after: &Circuit) -> CircuitDiff {
+    let b = graph::by_pair(&before.edges);
+    let a = graph::by_pair(&after.edges);
+    let appeared: Vec<Edge> = after
+        .edges
+        .iter()
+        .filter(|e| !b.contains_key(&(e.from, e.to)))
+        .cloned()
+        .collect();
+    let vanished: Vec<Edge> = before
+        .edges
+        .iter()
+        .filter(|e| !a.contains_key(&(e.from, e.to)))
+        .cloned()
+        .collect();
+    let bn: BTreeSet<Node> = before.nodes.iter().copied().collect();
+    let an: BTreeSet<Node> = after.nodes.iter().copied().collect();
+    CircuitDiff {
+        kept_in_both: after.edges.len() - appeared.len(),
+        appeared,
+        vanished,
+        nodes_appeared: an.difference(&bn).copied().collect(),
+        nodes_vanished: bn.difference(&an).copied().collect(),
+    }
+}
