@@ -134,8 +134,9 @@ fn per_head_inputs_reproduce_the_shared_path_and_stay_per_head(name: &str, model
         );
         // A delta on head 1's input changes head 1's z and no other head's.
         let mut v = vec![0f32; s.n_heads * s.d_model];
-        for x in &mut v[s.d_model..2 * s.d_model] {
-            *x = 0.5;
+        // Not a constant vector: LayerNorm would remove it.
+        for (i, x) in v[s.d_model..2 * s.d_model].iter_mut().enumerate() {
+            *x = if i % 3 == 0 { 0.5 } else { -0.2 };
         }
         let iv = Intervention::fixed(
             "layer.1.head_in",
@@ -158,7 +159,7 @@ fn per_head_inputs_reproduce_the_shared_path_and_stay_per_head(name: &str, model
             if h == 1 {
                 assert!(diff > 1e-4, "{name}: head 1 did not see its delta");
             } else {
-                assert!(diff < 1e-6, "{name}: head {h} changed by {diff}");
+                assert!(diff < 1e-5, "{name}: head {h} changed by {diff}");
             }
         }
     }
@@ -182,7 +183,11 @@ fn an_mlp_input_delta_changes_the_mlp_but_not_the_residual_bypass(
             0,
             3,
             InterventionMode::Add,
-            Tensor::vector(vec![0.3; d]),
+            Tensor::vector(
+                (0..d)
+                    .map(|i| if i % 2 == 0 { 0.3 } else { -0.1 })
+                    .collect(),
+            ),
         );
         let patched = forward(&client, &CLEAN, &caps, vec![iv]);
         assert!(
@@ -236,7 +241,11 @@ fn eap_scores_match_direct_edge_patching(name: &str, model: &mut ModelBox) {
         checked.extend(top.iter().map(|e| (e.from, e.to)));
         for (from, to) in checked {
             let score = by[&(from, to)];
-            let measured = eap::patch_edge(&probe, &pair, &runs, from, to, 1e-2).unwrap();
+            // Central difference of a small patch: (M(+ε) − M(−ε)) / 2ε.
+            let eps = 1e-2;
+            let plus = eap::patch_edge(&probe, &pair, &runs, from, to, eps).unwrap();
+            let minus = eap::patch_edge(&probe, &pair, &runs, from, to, -eps).unwrap();
+            let measured = (plus + minus) / 2.0;
             let tol = 0.03 * score.abs().max(measured.abs()) + 2e-4;
             assert!(
                 (score - measured).abs() <= tol,
