@@ -6,13 +6,15 @@
 //! - [`eap`]: EAP-IG edge scores, direct edge patching, and the circuit-only metric;
 //! - [`circuit`]: one circuit with faithfulness and head roles, and before/after comparison;
 //! - [`render`]: Graphviz DOT text and the layered layout the host draws;
-//! - [`lens`]: the logit lens.
+//! - [`lens`]: the logit lens;
+//! - [`prompts`]: clean/corrupted pairs from text facts (subject swaps of equal token length).
 
 pub mod circuit;
 pub mod eap;
 pub mod graph;
 pub mod lens;
 pub mod probe;
+pub mod prompts;
 pub mod render;
 #[cfg(feature = "testkit")]
 pub mod testkit;

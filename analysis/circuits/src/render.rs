@@ -123,8 +123,46 @@ const ROW_H: f64 = 70.0;
 const MARGIN: f64 = 60.0;
 const RULER: f64 = 70.0;
 
-/// One row per layer with circuit nodes, nodes spread evenly and centred.
+/// Edges that a compared circuit gained (green) or lost (grey).
+pub const APPEARED: (u8, u8, u8) = (20, 150, 60);
+pub const VANISHED: (u8, u8, u8) = (190, 190, 190);
+
+/// One row per layer with circuit nodes, nodes spread evenly and centred; edges coloured by
+/// the sign of their score.
 pub fn layout(nodes: &[Node], edges: &[Edge]) -> Layout {
+    let colored: Vec<(Edge, (u8, u8, u8))> =
+        edges.iter().map(|e| (e.clone(), color_of(e))).collect();
+    layout_colored(nodes, &colored)
+}
+
+/// Both circuits in one picture: the union of their nodes; edges in both coloured by sign,
+/// edges only `after` has green, edges only `before` had grey.
+pub fn compare_layout(before: &[Edge], after: &[Edge]) -> Layout {
+    let b = crate::graph::by_pair(before);
+    let a = crate::graph::by_pair(after);
+    let mut colored: Vec<(Edge, (u8, u8, u8))> = after
+        .iter()
+        .map(|e| {
+            let c = if b.contains_key(&(e.from, e.to)) {
+                color_of(e)
+            } else {
+                APPEARED
+            };
+            (e.clone(), c)
+        })
+        .collect();
+    colored.extend(
+        before
+            .iter()
+            .filter(|e| !a.contains_key(&(e.from, e.to)))
+            .map(|e| (e.clone(), VANISHED)),
+    );
+    let all: Vec<Edge> = colored.iter().map(|(e, _)| e.clone()).collect();
+    layout_colored(&crate::graph::nodes_of(&all), &colored)
+}
+
+fn layout_colored(nodes: &[Node], colored: &[(Edge, (u8, u8, u8))]) -> Layout {
+    let edges: Vec<Edge> = colored.iter().map(|(e, _)| e.clone()).collect();
     let rows = rows(nodes);
     let widest = rows.values().map(Vec::len).max().unwrap_or(1) as f64;
     let width = 2.0 * MARGIN + RULER + widest * (BOX_W + GAP_X);
@@ -157,17 +195,17 @@ pub fn layout(nodes: &[Node], edges: &[Edge]) -> Layout {
             .map(|p| (p.x, p.y))
             .unwrap_or((0.0, 0.0))
     };
-    let max = max_abs(edges);
+    let max = max_abs(&edges);
     // Thin edges first, so that the strongest are drawn on top.
-    let mut sorted: Vec<&Edge> = edges.iter().collect();
-    sorted.sort_by(|a, b| a.score.abs().total_cmp(&b.score.abs()));
+    let mut sorted: Vec<&(Edge, (u8, u8, u8))> = colored.iter().collect();
+    sorted.sort_by(|a, b| a.0.score.abs().total_cmp(&b.0.score.abs()));
     let placed_edges = sorted
         .into_iter()
-        .map(|e| PlacedEdge {
+        .map(|(e, color)| PlacedEdge {
             from: at(e.from),
             to: at(e.to),
             width: pen_width(e, max),
-            color: color_of(e),
+            color: *color,
         })
         .collect();
     Layout {
