@@ -21,14 +21,17 @@ pub struct CircuitSettings {
     /// Attention mass from the last token that makes a head a mover (on the subject) or a
     /// relation head (on the relation tokens).
     pub role_threshold: f64,
+    /// Smallest direct effect of a mover or relation head, as a fraction of the clean metric.
+    pub role_min_effect: f64,
 }
 
 impl Default for CircuitSettings {
     fn default() -> Self {
         Self {
-            top_n: 200,
+            top_n: 3000,
             ig_steps: 5,
-            role_threshold: 0.3,
+            role_threshold: 0.5,
+            role_min_effect: 0.02,
         }
     }
 }
@@ -68,6 +71,17 @@ pub struct Circuit {
     pub additivity_error: f64,
     pub settings: CircuitSettings,
     pub seconds: f64,
+    /// Where the time went: clean and corrupted runs, EAP-IG gradients, edge scores,
+    /// faithfulness passes.
+    pub seconds_by_step: Timings,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Timings {
+    pub runs: f64,
+    pub gradients: f64,
+    pub scores: f64,
+    pub faithfulness: f64,
 }
 
 /// Finds the circuit of one prompt pair.
@@ -82,14 +96,25 @@ pub fn find_circuit(
     if settings.top_n == 0 {
         return Err(PluginError::invalid("top_n must be at least 1"));
     }
+    let mut timings = Timings::default();
+    let mut lap = Instant::now();
+    let mut split = || {
+        let t = lap.elapsed().as_secs_f64();
+        lap = Instant::now();
+        t
+    };
     let runs = PairRuns::new(probe, pair)?;
+    timings.runs = split();
     let differences = runs.differences();
     let gradients = eap::input_gradients(probe, pair, &runs, settings.ig_steps)?;
+    timings.gradients = split();
     let all = eap::score_edges(probe, &differences, &gradients);
     let top = graph::top_n(&all, settings.top_n);
     let mut edges = graph::prune_dead_nodes(top);
     edges.sort_by(|a, b| b.score.abs().total_cmp(&a.score.abs()));
+    timings.scores = split();
     let (metric_circuit, passes) = eap::circuit_metric(probe, pair, &runs, &edges)?;
+    timings.faithfulness = split();
     let nodes = graph::nodes_of(&edges);
     let (mover_heads, relation_heads) =
         head_roles(probe, pair, &runs, &gradients, &nodes, settings);
@@ -111,13 +136,14 @@ pub fn find_circuit(
         additivity_error: runs.additivity_error(),
         settings: settings.clone(),
         seconds: start.elapsed().as_secs_f64(),
+        seconds_by_step: timings,
     })
 }
 
 /// Mover heads: circuit heads whose attention from the last token puts at least
-/// `role_threshold` of its mass on the subject's tokens and whose direct effect on the metric
-/// is positive. Relation heads: circuit heads that put at least that mass on the relation
-/// tokens (after the subject, before the last token). Both sorted by attention mass.
+/// `role_threshold` of its mass on the subject's tokens. Relation heads: circuit heads that put
+/// at least that mass on the relation tokens (after the subject, before the last token). Both
+/// must also push the answer directly (positive direct effect). Sorted by attention mass.
 fn head_roles(
     probe: &Probe<'_, '_>,
     pair: &PromptPair,
@@ -137,6 +163,7 @@ fn head_roles(
         .expect("the clean run captures attention");
     let relation: BTreeSet<usize> = (pair.subject.end..last).collect();
     let logit_grad = &gradients[&Node::Logits][last * d..(last + 1) * d];
+    let min_effect = settings.role_min_effect * runs.metric_clean.abs();
     let (mut movers, mut relations) = (Vec::new(), Vec::new());
     for &node in circuit {
         let Node::Head { layer, head } = node else {
@@ -148,14 +175,14 @@ fn head_roles(
         let relation_mass = on(&mut relation.iter().copied());
         let out = &runs.clean.outputs[&node][last * d..(last + 1) * d];
         let direct_effect = dot(out, logit_grad);
-        if subject_mass >= settings.role_threshold && direct_effect > 0.0 {
+        if subject_mass >= settings.role_threshold && direct_effect >= min_effect {
             movers.push(HeadRole {
                 head: node,
                 attention: subject_mass,
                 direct_effect,
             });
         }
-        if relation_mass >= settings.role_threshold {
+        if relation_mass >= settings.role_threshold && direct_effect >= min_effect {
             relations.push(HeadRole {
                 head: node,
                 attention: relation_mass,

@@ -7,8 +7,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// A node of the graph.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// A node of the graph; written in JSON by its name (`input`, `a3.h5`, `m7`, `logits`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Node {
     Input,
     Head { layer: usize, head: usize },
@@ -61,6 +61,23 @@ impl fmt::Display for Node {
             Node::Mlp { layer } => write!(f, "m{layer}"),
             Node::Logits => write!(f, "logits"),
         }
+    }
+}
+
+impl Serialize for Node {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Node {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Node::parse(&s).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "'{s}' is not a node name (input, aL.hH, mL, logits)"
+            ))
+        })
     }
 }
 
@@ -172,6 +189,13 @@ mod tests {
             assert_eq!(Node::parse(&n.to_string()), Some(n));
         }
         assert_eq!(Node::parse("a1.x2"), None);
+        let json = serde_json::to_string(&Node::Head { layer: 3, head: 5 }).unwrap();
+        assert_eq!(json, "\"a3.h5\"");
+        assert_eq!(
+            serde_json::from_str::<Node>(&json).unwrap(),
+            Node::Head { layer: 3, head: 5 }
+        );
+        assert!(serde_json::from_str::<Node>("\"h3\"").is_err());
     }
 
     #[test]

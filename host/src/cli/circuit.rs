@@ -43,14 +43,17 @@ pub struct CircuitArgs {
     #[arg(long, value_name = "K")]
     pub offset: Option<usize>,
     /// Edges kept before pruning dead nodes.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, default_value_t = 3000)]
     pub top_n: usize,
     /// Integrated-gradient steps (1: plain EAP).
     #[arg(long, default_value_t = 5)]
     pub ig_steps: usize,
     /// Attention mass from the last token that makes a circuit head a mover or relation head.
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.5)]
     pub role_threshold: f64,
+    /// Smallest direct effect of a mover or relation head, as a fraction of the clean metric.
+    #[arg(long, default_value_t = 0.02)]
+    pub role_min_effect: f64,
     /// Also analyse facts whose clean top token is not the answer.
     #[arg(long)]
     pub include_wrong: bool,
@@ -248,6 +251,7 @@ pub fn run(context: &Context, args: CircuitArgs) -> Result<ExitCode> {
         top_n: args.top_n,
         ig_steps: args.ig_steps,
         role_threshold: args.role_threshold,
+        role_min_effect: args.role_min_effect,
     };
     let window = Window {
         offset: args.offset.unwrap_or(0),
