@@ -303,6 +303,7 @@ fn circuit_metric_spans_clean_to_corrupted_and_the_circuit_has_the_right_nodes(
             top_n: 30,
             ig_steps: 3,
             role_threshold: 0.3,
+            role_min_effect: 0.0,
         };
         let c = find_circuit(&probe, &pair, &settings).unwrap();
         let every: Vec<Node> = graph::nodes(s.n_layers, s.n_heads);
