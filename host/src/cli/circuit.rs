@@ -11,9 +11,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
+use kedit_circuits::graph::{nodes_of, prune_dead_nodes};
 use kedit_circuits::prompts::{build_pair, BuiltPair, TextFact};
 use kedit_circuits::render::{compare_layout, layout, to_dot};
-use kedit_circuits::{compare, find_circuit, Circuit, CircuitSettings, Probe};
+use kedit_circuits::{compare, find_circuit, Circuit, CircuitSettings, Edge, Probe};
 use kedit_plugin_api::{EditRequest, ModelClient};
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -54,6 +55,9 @@ pub struct CircuitArgs {
     /// Smallest direct effect of a mover or relation head, as a fraction of the clean metric.
     #[arg(long, default_value_t = 0.02)]
     pub role_min_effect: f64,
+    /// The images show the circuit's K strongest edges (the JSON and DOT files keep all).
+    #[arg(long, value_name = "K", default_value_t = 250)]
+    pub draw_top: usize,
     /// Also analyse facts whose clean top token is not the answer.
     #[arg(long)]
     pub include_wrong: bool,
@@ -129,13 +133,21 @@ fn fact_of(r: &EditRequest) -> Result<TextFact> {
     })
 }
 
-/// The circuit's files: `stem.json` (with `extra` merged in), `.dot`, `.svg`, `.png`.
+/// The `k` strongest edges of a circuit (edges come sorted by |score|), without the nodes
+/// that leaves dangling: what the images show.
+fn strongest(edges: &[Edge], k: usize) -> Vec<Edge> {
+    prune_dead_nodes(edges.iter().take(k).cloned().collect())
+}
+
+/// The circuit's files: `stem.json` (with `extra` merged in), `.dot`, and `.svg`/`.png` of its
+/// `draw_top` strongest edges.
 fn write_circuit(
     dir: &Path,
     stem: &str,
     title: &str,
     circuit: &Circuit,
     extra: Value,
+    draw_top: usize,
 ) -> Result<()> {
     let mut value = serde_json::to_value(circuit)?;
     if let (Some(v), Some(e)) = (value.as_object_mut(), extra.as_object()) {
@@ -149,7 +161,13 @@ fn write_circuit(
         to_dot(title, &circuit.nodes, &circuit.edges),
     )
     .with_context(|| format!("cannot write {stem}.dot"))?;
-    write_graph(dir, stem, title, &layout(&circuit.nodes, &circuit.edges))
+    let drawn = strongest(&circuit.edges, draw_top);
+    let title = format!(
+        "{title}: strongest {} of {} edges",
+        drawn.len(),
+        circuit.edges.len()
+    );
+    write_graph(dir, stem, &title, &layout(&nodes_of(&drawn), &drawn))
 }
 
 fn tokens_of(client: &ModelClient<'_>, ids: &[u32]) -> Vec<String> {
@@ -181,6 +199,7 @@ fn compare_after_edit(
     settings: &CircuitSettings,
     dir: &Path,
     stem: &str,
+    draw_top: usize,
 ) -> Result<Value> {
     let mut edit = request.clone();
     edit.target_new = target.into();
@@ -213,6 +232,7 @@ fn compare_after_edit(
             &title,
             &after,
             json!({"edit_target": target}),
+            draw_top,
         )?;
         let diff = compare(before, &after);
         let title = format!(
@@ -221,12 +241,13 @@ fn compare_after_edit(
             diff.appeared.len(),
             diff.vanished.len()
         );
-        write_graph(
-            dir,
-            &format!("{stem}.compare"),
-            &title,
-            &compare_layout(&before.edges, &after.edges),
-        )?;
+        // The picture compares the strongest edges of each circuit; the JSON has every change.
+        let layout = compare_layout(
+            &strongest(&before.edges, draw_top),
+            &strongest(&after.edges, draw_top),
+        );
+        let title = format!("{title}; drawn: the strongest {draw_top} edges of each");
+        write_graph(dir, &format!("{stem}.compare"), &title, &layout)?;
         let value = json!({
             "method": method,
             "target_new": target,
@@ -331,7 +352,7 @@ pub fn run(context: &Context, args: CircuitArgs) -> Result<ExitCode> {
             "{} → {} (faithfulness {:.2})",
             fact.prompt, fact.answer, circuit.faithfulness
         );
-        write_circuit(&records_dir, &stem, &title, &circuit, extra)?;
+        write_circuit(&records_dir, &stem, &title, &circuit, extra, args.draw_top)?;
         eprintln!(
             "{stem}: {} edges, faithfulness {:.3} (normalized {:.3}), {:.1}s",
             circuit.edges.len(),
@@ -352,6 +373,7 @@ pub fn run(context: &Context, args: CircuitArgs) -> Result<ExitCode> {
                 &settings,
                 &records_dir,
                 &stem,
+                args.draw_top,
             )?;
             comparisons.push(json!({"id": request.id.as_str(), "compare": value}));
         }
