@@ -91,8 +91,8 @@ fn head_outputs_sum_to_the_attention_output_up_to_a_constant_bias(
             .collect();
         let attn = forward(&client, &CLEAN, &caps, vec![]);
         let d = s.d_model;
-        for l in 0..s.n_layers {
-            let mut rest = attn[l].as_slice().to_vec();
+        for (l, attn_out) in attn.iter().take(s.n_layers).enumerate() {
+            let mut rest = attn_out.as_slice().to_vec();
             for h in 0..s.n_heads {
                 for (r, x) in rest
                     .iter_mut()
