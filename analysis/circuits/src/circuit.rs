@@ -230,3 +230,70 @@ pub fn compare(before: &Circuit, after: &Circuit) -> CircuitDiff {
         nodes_vanished: bn.difference(&an).copied().collect(),
     }
 }
+
+/// An edge's EAP-IG score next to the metric change measured by patching that edge alone to
+/// its corrupted activation (the quantity the score estimates).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EdgeCheck {
+    pub from: Node,
+    pub to: Node,
+    pub score: f64,
+    pub patched: f64,
+}
+
+/// Patches each of `edges` alone, fully (scale 1), on the clean prompt.
+pub fn check_edges(
+    probe: &Probe<'_, '_>,
+    pair: &PromptPair,
+    edges: &[Edge],
+) -> Result<Vec<EdgeCheck>, PluginError> {
+    let runs = PairRuns::new(probe, pair)?;
+    edges
+        .iter()
+        .map(|e| {
+            Ok(EdgeCheck {
+                from: e.from,
+                to: e.to,
+                score: e.score,
+                patched: eap::patch_edge(probe, pair, &runs, e.from, e.to, 1.0)?,
+            })
+        })
+        .collect()
+}
+
+/// The faithfulness of the circuit of the top `top_n` edges (after pruning).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CurvePoint {
+    pub top_n: usize,
+    pub edges: usize,
+    pub metric_circuit: f64,
+    pub faithfulness: f64,
+    pub normalized_faithfulness: f64,
+}
+
+/// Faithfulness as the circuit grows: one point per size in `sizes`.
+pub fn faithfulness_curve(
+    probe: &Probe<'_, '_>,
+    pair: &PromptPair,
+    sizes: &[usize],
+    ig_steps: usize,
+) -> Result<Vec<CurvePoint>, PluginError> {
+    let runs = PairRuns::new(probe, pair)?;
+    let gradients = eap::input_gradients(probe, pair, &runs, ig_steps)?;
+    let all = eap::score_edges(probe, &runs.differences(), &gradients);
+    let span = runs.metric_clean - runs.metric_corrupt;
+    sizes
+        .iter()
+        .map(|&n| {
+            let edges = graph::prune_dead_nodes(graph::top_n(&all, n));
+            let (m, _) = eap::circuit_metric(probe, pair, &runs, &edges)?;
+            Ok(CurvePoint {
+                top_n: n,
+                edges: edges.len(),
+                metric_circuit: m,
+                faithfulness: m / runs.metric_clean,
+                normalized_faithfulness: (m - runs.metric_corrupt) / span,
+            })
+        })
+        .collect()
+}

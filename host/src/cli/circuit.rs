@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
+use kedit_circuits::circuit::{check_edges, faithfulness_curve};
 use kedit_circuits::graph::{nodes_of, prune_dead_nodes};
 use kedit_circuits::prompts::{build_pair, BuiltPair, TextFact};
 use kedit_circuits::render::{compare_layout, layout, to_dot};
@@ -58,6 +59,14 @@ pub struct CircuitArgs {
     /// The images show the circuit's K strongest edges (the JSON and DOT files keep all).
     #[arg(long, value_name = "K", default_value_t = 250)]
     pub draw_top: usize,
+    /// Patch each of the circuit's K strongest edges alone and record the measured metric
+    /// change next to its EAP-IG score.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub check_edges: usize,
+    /// Also measure faithfulness for circuits of these sizes (top-n before pruning), e.g.
+    /// 250,1000,3000,6000.
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',')]
+    pub curve: Vec<usize>,
     /// Also analyse facts whose clean top token is not the answer.
     #[arg(long)]
     pub include_wrong: bool,
@@ -334,7 +343,16 @@ pub fn run(context: &Context, args: CircuitArgs) -> Result<ExitCode> {
             }
             let probe = Probe::new(&client)?;
             let circuit = find_circuit(&probe, &built.pair, &settings)?;
+            let k = args.check_edges.min(circuit.edges.len());
+            let checks = check_edges(&probe, &built.pair, &circuit.edges[..k])?;
+            let curve = if args.curve.is_empty() {
+                Vec::new()
+            } else {
+                faithfulness_curve(&probe, &built.pair, &args.curve, settings.ig_steps)?
+            };
             let extra = json!({
+                "edge_checks": checks,
+                "faithfulness_curve": curve,
                 "id": request.id.as_str(),
                 "prompt": fact.prompt,
                 "subject": fact.subject,
