@@ -1,6 +1,7 @@
 //! Clean/corrupted prompt pairs from text facts: the subject's token span, the answer's first
 //! token, and a corruption that swaps the subject for another fact's subject of the same token
-//! length (every other token unchanged, so positions line up), whose prediction differs.
+//! length (every other token unchanged, so positions line up) after which the model's top token
+//! is no longer the answer.
 
 use std::ops::Range;
 
@@ -89,18 +90,33 @@ fn argmax_except(row: &[f32], skip: u32) -> u32 {
     best as u32
 }
 
+/// What [`build_pair`] found.
+#[derive(Clone, Debug)]
+pub enum PairOutcome {
+    Built(BuiltPair),
+    /// The model's top token on the clean prompt is not the answer (and `only_correct`).
+    Wrong,
+    /// No swap fits.
+    NoSwap,
+}
+
 /// Builds the pair of `fact`, corrupting it with the first of `swaps` (other subjects) that
-/// has the same token length in the prompt and leaves every other token as it was. The foil is
-/// the corrupted prompt's top token other than the answer. `None` when no swap fits.
+/// has the same token length in the prompt, leaves every other token as it was, and makes the
+/// model's top token something other than the answer, which becomes the foil. With
+/// `only_correct`, a fact the model does not answer is not paired.
 pub fn build_pair(
     client: &ModelClient<'_>,
     fact: &TextFact,
     swaps: &[String],
-) -> Result<Option<BuiltPair>, PluginError> {
+    only_correct: bool,
+) -> Result<PairOutcome, PluginError> {
     let (clean, span) = subject_span(client, &fact.prompt, &fact.subject)?;
     let answer = answer_token(client, &clean, &fact.prompt, &fact.answer)?;
     let clean_logits = last_logits(client, &clean)?;
     let correct = argmax_except(&clean_logits, u32::MAX) == answer;
+    if only_correct && !correct {
+        return Ok(PairOutcome::Wrong);
+    }
     for other in swaps {
         if other == &fact.subject || other.is_empty() {
             continue;
@@ -116,8 +132,13 @@ pub fn build_pair(
         if !lines_up {
             continue;
         }
-        let foil = argmax_except(&last_logits(client, &corrupt)?, answer);
-        return Ok(Some(BuiltPair {
+        // A swap after which the model still gives the answer corrupts nothing.
+        let corrupt_logits = last_logits(client, &corrupt)?;
+        if argmax_except(&corrupt_logits, u32::MAX) == answer {
+            continue;
+        }
+        let foil = argmax_except(&corrupt_logits, answer);
+        return Ok(PairOutcome::Built(BuiltPair {
             pair: PromptPair {
                 clean,
                 corrupt,
@@ -130,5 +151,5 @@ pub fn build_pair(
             correct,
         }));
     }
-    Ok(None)
+    Ok(PairOutcome::NoSwap)
 }

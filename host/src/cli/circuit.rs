@@ -13,7 +13,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use kedit_circuits::circuit::{check_edges, faithfulness_curve};
 use kedit_circuits::graph::{nodes_of, prune_dead_nodes};
-use kedit_circuits::prompts::{build_pair, BuiltPair, TextFact};
+use kedit_circuits::prompts::{build_pair, BuiltPair, PairOutcome, TextFact};
 use kedit_circuits::render::{compare_layout, layout, to_dot};
 use kedit_circuits::{compare, find_circuit, Circuit, CircuitSettings, Edge, Probe};
 use kedit_plugin_api::{EditRequest, ModelClient};
@@ -333,14 +333,17 @@ pub fn run(context: &Context, args: CircuitArgs) -> Result<ExitCode> {
             let client = ModelClient::new(model.as_abi_mut());
             // Swap candidates: the other facts, starting after this one.
             let order: Vec<String> = swaps[i + 1..].iter().chain(&swaps[..i]).cloned().collect();
-            let Some(built) = build_pair(&client, &fact, &order)? else {
-                skipped.push(json!({"id": request.id.as_str(), "reason": "no subject of the same token length"}));
-                continue;
+            let built = match build_pair(&client, &fact, &order, !args.include_wrong)? {
+                PairOutcome::Built(built) => built,
+                PairOutcome::Wrong => {
+                    skipped.push(json!({"id": request.id.as_str(), "reason": "the model's top token is not the answer"}));
+                    continue;
+                }
+                PairOutcome::NoSwap => {
+                    skipped.push(json!({"id": request.id.as_str(), "reason": "no subject of the same token length that changes the prediction"}));
+                    continue;
+                }
             };
-            if !built.correct && !args.include_wrong {
-                skipped.push(json!({"id": request.id.as_str(), "reason": "the model's top token is not the answer"}));
-                continue;
-            }
             let probe = Probe::new(&client)?;
             let circuit = find_circuit(&probe, &built.pair, &settings)?;
             let k = args.check_edges.min(circuit.edges.len());
