@@ -21,7 +21,8 @@ pub struct CircuitSettings {
     /// Attention mass from the last token that makes a head a mover (on the subject) or a
     /// relation head (on the relation tokens).
     pub role_threshold: f64,
-    /// Smallest direct effect of a mover or relation head, as a fraction of the clean metric.
+    /// Smallest direct effect of a mover or relation head, as a fraction of the metric's span
+    /// `metric_clean − metric_corrupt`.
     pub role_min_effect: f64,
 }
 
@@ -31,7 +32,7 @@ impl Default for CircuitSettings {
             top_n: 3000,
             ig_steps: 5,
             role_threshold: 0.5,
-            role_min_effect: 0.02,
+            role_min_effect: 0.03,
         }
     }
 }
@@ -163,7 +164,7 @@ fn head_roles(
         .expect("the clean run captures attention");
     let relation: BTreeSet<usize> = (pair.subject.end..last).collect();
     let logit_grad = &gradients[&Node::Logits][last * d..(last + 1) * d];
-    let min_effect = settings.role_min_effect * runs.metric_clean.abs();
+    let min_effect = settings.role_min_effect * (runs.metric_clean - runs.metric_corrupt).abs();
     let (mut movers, mut relations) = (Vec::new(), Vec::new());
     for &node in circuit {
         let Node::Head { layer, head } = node else {

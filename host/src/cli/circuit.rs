@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
-use kedit_circuits::circuit::{check_edges, faithfulness_curve};
+use kedit_circuits::circuit::{check_edges, faithfulness_curve, CurvePoint, EdgeCheck};
 use kedit_circuits::graph::{nodes_of, prune_dead_nodes};
 use kedit_circuits::prompts::{build_pair, BuiltPair, PairOutcome, TextFact};
 use kedit_circuits::render::{compare_layout, layout, to_dot};
@@ -53,8 +53,9 @@ pub struct CircuitArgs {
     /// Attention mass from the last token that makes a circuit head a mover or relation head.
     #[arg(long, default_value_t = 0.5)]
     pub role_threshold: f64,
-    /// Smallest direct effect of a mover or relation head, as a fraction of the clean metric.
-    #[arg(long, default_value_t = 0.02)]
+    /// Smallest direct effect of a mover or relation head, as a fraction of the metric's span
+    /// (clean − corrupted).
+    #[arg(long, default_value_t = 0.03)]
     pub role_min_effect: f64,
     /// The images show the circuit's K strongest edges (the JSON and DOT files keep all).
     #[arg(long, value_name = "K", default_value_t = 250)]
@@ -103,6 +104,12 @@ struct Row {
     mover_heads: Vec<String>,
     relation_heads: Vec<String>,
     seconds: f64,
+    /// With --check-edges: EAP-IG score vs the patched metric change of the strongest edges.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    edge_checks: Vec<EdgeCheck>,
+    /// With --curve: faithfulness by circuit size.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    faithfulness_curve: Vec<CurvePoint>,
 }
 
 fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
@@ -329,7 +336,7 @@ pub fn run(context: &Context, args: CircuitArgs) -> Result<ExitCode> {
         }
         let fact = fact_of(request)?;
         let stem = stem_for(i + args.offset.unwrap_or(0), &request.id);
-        let (built, circuit, extra) = {
+        let (built, circuit, extra, checks, curve) = {
             let client = ModelClient::new(model.as_abi_mut());
             // Swap candidates: the other facts, starting after this one.
             let order: Vec<String> = swaps[i + 1..].iter().chain(&swaps[..i]).cloned().collect();
@@ -354,8 +361,8 @@ pub fn run(context: &Context, args: CircuitArgs) -> Result<ExitCode> {
                 faithfulness_curve(&probe, &built.pair, &args.curve, settings.ig_steps)?
             };
             let extra = json!({
-                "edge_checks": checks,
-                "faithfulness_curve": curve,
+                "edge_checks": &checks,
+                "faithfulness_curve": &curve,
                 "id": request.id.as_str(),
                 "prompt": fact.prompt,
                 "subject": fact.subject,
@@ -367,7 +374,7 @@ pub fn run(context: &Context, args: CircuitArgs) -> Result<ExitCode> {
                 "subject_range": [built.pair.subject.start, built.pair.subject.end],
                 "correct": built.correct,
             });
-            (built, circuit, extra)
+            (built, circuit, extra, checks, curve)
         };
         let title = format!(
             "{} → {} (faithfulness {:.2})",
@@ -412,6 +419,8 @@ pub fn run(context: &Context, args: CircuitArgs) -> Result<ExitCode> {
             mover_heads: names(&circuit.mover_heads),
             relation_heads: names(&circuit.relation_heads),
             seconds: circuit.seconds,
+            edge_checks: checks,
+            faithfulness_curve: curve,
         });
     }
     if rows.is_empty() {
