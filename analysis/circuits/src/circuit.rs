@@ -30,7 +30,7 @@ impl Default for CircuitSettings {
     fn default() -> Self {
         Self {
             top_n: 3000,
-            ig_steps: 5,
+            ig_steps: 20,
             role_threshold: 0.5,
             role_min_effect: 0.03,
         }

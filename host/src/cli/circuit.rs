@@ -48,7 +48,7 @@ pub struct CircuitArgs {
     #[arg(long, default_value_t = 3000)]
     pub top_n: usize,
     /// Integrated-gradient steps (1: plain EAP).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 20)]
     pub ig_steps: usize,
     /// Attention mass from the last token that makes a circuit head a mover or relation head.
     #[arg(long, default_value_t = 0.5)]
