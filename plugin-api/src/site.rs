@@ -247,7 +247,7 @@ mod tests {
     fn bad_site_names_explain_what_is_allowed() {
         let e = "layer.x.mlp_out".parse::<ActSite>().unwrap_err();
         assert!(e.message.contains("not a layer number"), "{e}");
-        let e = "layer.1.mlp_in".parse::<ActSite>().unwrap_err();
+        let e = "layer.1.mlp_mid".parse::<ActSite>().unwrap_err();
         assert!(e.message.contains("resid_pre"), "{e}");
         let e = "layer.1.mlp.fc".parse::<WeightSite>().unwrap_err();
         assert!(e.message.contains("layer.N.mlp"), "{e}");
