@@ -11,6 +11,10 @@
 //! | `layer.{i}.attn_out` | attention output added to the residual |
 //! | `layer.{i}.mlp_key` | input of the MLP output projection, after the activation (ROME's k) |
 //! | `layer.{i}.mlp_out` | output of the MLP output projection (ROME's v) |
+//! | `layer.{i}.attn_z` | input of the attention output projection, `[batch, seq, heads·head_dim]`: head h's slice times its columns of `layer.{i}.attn.o` is head h's output |
+//! | `layer.{i}.head_in` | the residual stream as each head of block i sees it, before the pre-attention norm, `[batch, seq, heads·d_model]` (head-major); an intervention here changes the q/k/v input of that head only |
+//! | `layer.{i}.attn_probs` | attention probabilities of block i, `[batch, seq, heads·keys]` (query-major; keys = the call's positions): capture only |
+//! | `layer.{i}.mlp_in` | the residual stream as block i's MLP sees it, before its norm; an intervention here changes the MLP's input only, not the residual stream |
 //! | `final_norm` | output of the final norm, the input of the LM head |
 //!
 //! Weight sites (always seen as `[out, in]` f32, whatever the checkpoint stores):
@@ -31,6 +35,10 @@ pub enum ActSite {
     AttnOut(usize),
     MlpKey(usize),
     MlpOut(usize),
+    AttnZ(usize),
+    HeadIn(usize),
+    MlpIn(usize),
+    AttnProbs(usize),
     FinalNorm,
 }
 
@@ -42,7 +50,11 @@ impl ActSite {
             | ActSite::ResidPost(i)
             | ActSite::AttnOut(i)
             | ActSite::MlpKey(i)
-            | ActSite::MlpOut(i) => Some(i),
+            | ActSite::MlpOut(i)
+            | ActSite::AttnZ(i)
+            | ActSite::HeadIn(i)
+            | ActSite::MlpIn(i)
+            | ActSite::AttnProbs(i) => Some(i),
             ActSite::Embed | ActSite::FinalNorm => None,
         }
     }
@@ -57,13 +69,17 @@ impl fmt::Display for ActSite {
             ActSite::AttnOut(i) => write!(f, "layer.{i}.attn_out"),
             ActSite::MlpKey(i) => write!(f, "layer.{i}.mlp_key"),
             ActSite::MlpOut(i) => write!(f, "layer.{i}.mlp_out"),
+            ActSite::AttnZ(i) => write!(f, "layer.{i}.attn_z"),
+            ActSite::HeadIn(i) => write!(f, "layer.{i}.head_in"),
+            ActSite::MlpIn(i) => write!(f, "layer.{i}.mlp_in"),
+            ActSite::AttnProbs(i) => write!(f, "layer.{i}.attn_probs"),
             ActSite::FinalNorm => write!(f, "final_norm"),
         }
     }
 }
 
 const ACT_HELP: &str =
-    "embed, final_norm, layer.N.{resid_pre, resid_post, attn_out, mlp_key, mlp_out}";
+    "embed, final_norm, layer.N.{resid_pre, resid_post, attn_out, mlp_key, mlp_out, attn_z, head_in, mlp_in, attn_probs}";
 const WEIGHT_HELP: &str =
     "embed.weight, lm_head, layer.N.mlp.{down, up, gate}, layer.N.attn.{q, k, v, o}";
 
@@ -92,6 +108,10 @@ impl FromStr for ActSite {
                 "attn_out" => ActSite::AttnOut(i),
                 "mlp_key" => ActSite::MlpKey(i),
                 "mlp_out" => ActSite::MlpOut(i),
+                "attn_z" => ActSite::AttnZ(i),
+                "head_in" => ActSite::HeadIn(i),
+                "mlp_in" => ActSite::MlpIn(i),
+                "attn_probs" => ActSite::AttnProbs(i),
                 _ => {
                     return Err(PluginError::invalid(format!(
                         "unknown activation site '{s}' (sites: {ACT_HELP})"
@@ -201,6 +221,10 @@ mod tests {
             ActSite::AttnOut(7),
             ActSite::MlpKey(12),
             ActSite::MlpOut(29),
+            ActSite::AttnZ(4),
+            ActSite::HeadIn(2),
+            ActSite::MlpIn(1),
+            ActSite::AttnProbs(0),
         ] {
             assert_eq!(s.to_string().parse::<ActSite>().unwrap(), s);
         }
@@ -223,7 +247,7 @@ mod tests {
     fn bad_site_names_explain_what_is_allowed() {
         let e = "layer.x.mlp_out".parse::<ActSite>().unwrap_err();
         assert!(e.message.contains("not a layer number"), "{e}");
-        let e = "layer.1.mlp_in".parse::<ActSite>().unwrap_err();
+        let e = "layer.1.mlp_mid".parse::<ActSite>().unwrap_err();
         assert!(e.message.contains("resid_pre"), "{e}");
         let e = "layer.1.mlp.fc".parse::<WeightSite>().unwrap_err();
         assert!(e.message.contains("layer.N.mlp"), "{e}");

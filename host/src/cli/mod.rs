@@ -1,6 +1,7 @@
 //! The `kedit` command line: one file per command, shared setup in [`context`].
 
 mod bench;
+mod circuit;
 mod context;
 mod demo;
 mod edit;
@@ -9,6 +10,7 @@ mod export;
 mod fetch;
 mod generate;
 mod info;
+mod lens;
 mod plugins;
 mod trace;
 
@@ -93,6 +95,11 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Causal tracing: which layers and tokens carry a fact (heatmaps, JSON, averages).
     Trace(trace::TraceArgs),
+    /// Knowledge circuits (EAP-IG): the heads and MLPs that carry each fact, with faithfulness,
+    /// mover and relation heads, graphs (DOT, SVG, PNG, JSON), and before/after an edit.
+    Circuit(circuit::CircuitArgs),
+    /// Logit lens: the top tokens each layer's residual stream decodes to (table and chart).
+    Lens(lens::LensArgs),
     /// Download a known model into the cache.
     Fetch(fetch::FetchArgs),
     /// Edit the real SmolLM2 (fetched if missing): the Eiffel Tower moves, an unrelated prompt stays.
@@ -110,6 +117,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Eval(args) => eval::run(&context, args),
         Command::Export(args) => export::run(&context, args),
         Command::Trace(args) => trace::run(&context, args),
+        Command::Circuit(args) => circuit::run(&context, args),
+        Command::Lens(args) => lens::run(&context, args),
         Command::Fetch(args) => fetch::run(args),
         Command::Bench(args) => bench::run(&context, args),
         Command::Demo(args) => demo::run(&context, args),

@@ -5,6 +5,7 @@
 
 pub mod baseline;
 pub mod chart;
+pub mod graph_image;
 pub mod heatmap;
 pub mod metrics;
 pub mod protocol;

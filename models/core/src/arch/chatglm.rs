@@ -16,7 +16,7 @@ use serde_json::Value;
 use super::glm::fused::{self, Spec, Target};
 use super::{Architecture, Dims, HfCheckpoint};
 use crate::checkpoint::{JsonFile, SafetensorsCheckpoint};
-use crate::engine::{AttentionShape, Pass, Rope, RopeStyle};
+use crate::engine::{AttentionShape, Pass, Qkv, Rope, RopeStyle};
 use crate::error::{invalid, unsupported, Context, Result};
 use crate::runtime::{Runtime, Source, SourceKind};
 use crate::text::TextCodec;
@@ -251,16 +251,16 @@ impl Architecture for ChatGlm {
         let (attn_norm, mlp_norm) = &self.norms[i];
         let h = pass.act(ActSite::ResidPre(i), h)?;
 
-        let x = pass.rms_norm(&h, attn_norm, eps)?;
-        let q = pass.linear(WeightSite::AttnQ(i), &x)?;
-        let k = pass.linear(WeightSite::AttnK(i), &x)?;
-        let v = pass.linear(WeightSite::AttnV(i), &x)?;
-        let a = pass.attention(i, self.attention, Some(&self.config.rope), &q, &k, &v)?;
+        let Qkv { q, k, v, shape } =
+            pass.qkv(i, &h, self.attention, &|p, x| p.rms_norm(x, attn_norm, eps))?;
+        let a = pass.attention(i, shape, Some(&self.config.rope), &q, &k, &v)?;
+        let a = pass.act(ActSite::AttnZ(i), a)?;
         let attn_out = pass.linear(WeightSite::AttnO(i), &a)?;
         let attn_out = pass.act(ActSite::AttnOut(i), attn_out)?;
         let h = (h + attn_out)?;
 
-        let x = pass.rms_norm(&h, mlp_norm, eps)?;
+        let mlp_in = pass.act(ActSite::MlpIn(i), h.clone())?;
+        let x = pass.rms_norm(&mlp_in, mlp_norm, eps)?;
         let gate = pass.linear(WeightSite::MlpGate(i), &x)?;
         let up = pass.linear(WeightSite::MlpUp(i), &x)?;
         let key = (gate.silu()? * up)?;

@@ -34,6 +34,8 @@ impl Dims {
     pub fn act_width(&self, site: &ActSite) -> usize {
         match site {
             ActSite::MlpKey(_) => self.d_ff,
+            ActSite::AttnZ(_) => self.n_heads * self.head_dim,
+            ActSite::HeadIn(_) => self.n_heads * self.d_model,
             _ => self.d_model,
         }
     }

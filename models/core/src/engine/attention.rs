@@ -27,7 +27,8 @@ pub struct AttentionInputs<'a> {
     pub path: Path,
 }
 
-/// `q: [batch, seq, heads·hd]`, `k`/`v`: `[batch, seq, kv_heads·hd]` → `[batch, seq, heads·hd]`.
+/// `q: [batch, seq, heads·hd]`, `k`/`v`: `[batch, seq, kv_heads·hd]` → `[batch, seq, heads·hd]`,
+/// and the attention probabilities `[batch, heads, seq, keys]` (for the `attn_probs` capture).
 ///
 /// With `cache = (cache, layer)`, this call's keys/values (after RoPE) are appended to the
 /// layer's cache and attention runs over everything cached. Query head h
@@ -40,7 +41,7 @@ pub fn attention(
     v: &Tensor,
     inputs: &AttentionInputs<'_>,
     cache: Option<(&mut KvCache, usize)>,
-) -> candle_core::Result<Tensor> {
+) -> candle_core::Result<(Tensor, Tensor)> {
     let AttentionShape {
         n_heads,
         n_kv_heads,
@@ -89,7 +90,8 @@ pub fn attention(
         .reshape((b, n_kv_heads, group * s, keys))?
         .matmul(&v)?
         .reshape((b, n_heads, s, head_dim))?;
-    out.transpose(1, 2)?.reshape((b, s, n_heads * head_dim))
+    let out = out.transpose(1, 2)?.reshape((b, s, n_heads * head_dim))?;
+    Ok((out, probs))
 }
 
 #[cfg(test)]
@@ -121,7 +123,7 @@ mod tests {
                 score_bias: None,
                 path: Path::Inference,
             };
-            attention(shape, &q, &k, &v, &inputs, None).unwrap()
+            attention(shape, &q, &k, &v, &inputs, None).unwrap().0
         };
         let pad = |t: &Tensor| {
             Tensor::cat(
@@ -151,7 +153,9 @@ mod tests {
                 score_bias: None,
                 path,
             };
-            let out = attention(shape, &pad(&q), &pad(&k), &pad(&v), &inputs, None).unwrap();
+            let out = attention(shape, &pad(&q), &pad(&k), &pad(&v), &inputs, None)
+                .unwrap()
+                .0;
             let pads = out
                 .narrow(1, 0, 2)
                 .unwrap()

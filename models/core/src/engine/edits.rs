@@ -48,6 +48,11 @@ impl InterventionPlan {
             let what = format!("intervention {k} at '{}'", iv.site);
             let site: ActSite = iv.site.parse()?;
             dims.check_act_site(&site)?;
+            if let ActSite::AttnProbs(_) = site {
+                return Err(invalid(format!(
+                    "{what}: attention probabilities can only be captured"
+                )));
+            }
             let (row, pos) = (iv.row as usize, iv.position as usize);
             layout.check_slot(&what, row, pos)?;
             let width = dims.act_width(&site);

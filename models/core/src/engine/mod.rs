@@ -5,6 +5,7 @@ pub mod alibi;
 pub mod attention;
 pub mod edits;
 pub mod frozen;
+pub mod heads;
 pub mod kv_cache;
 pub mod layer_norm;
 pub mod layout;
@@ -13,6 +14,7 @@ pub mod pass;
 pub mod rope;
 
 pub use attention::AttentionShape;
+pub use heads::Qkv;
 pub use ops::Path;
 pub use pass::Pass;
 pub use rope::{Rope, RopeStyle};

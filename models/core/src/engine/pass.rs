@@ -142,6 +142,35 @@ impl<'a> Pass<'a> {
         &self.positions
     }
 
+    /// Whether this call intervenes on or captures `site`.
+    pub fn touches(&self, site: &ActSite) -> bool {
+        self.edits.contains_key(site) || self.capture.contains(site)
+    }
+
+    /// The per-head q/k/v path of block `layer` computes the projections itself, so it cannot
+    /// honour what only [`Pass::linear`] applies: modules and gradient taps at `attn.{q,k,v}`,
+    /// and the KV cache (whose key/value heads stay grouped).
+    pub fn check_per_head(&self, layer: usize) -> Result<()> {
+        let what = format!("site 'layer.{layer}.head_in'");
+        if self.cache.is_some() {
+            return Err(crate::error::invalid(format!(
+                "{what} cannot be used with a KV cache or a prepared prefix"
+            )));
+        }
+        for site in [
+            WeightSite::AttnQ(layer),
+            WeightSite::AttnK(layer),
+            WeightSite::AttnV(layer),
+        ] {
+            if self.modules.has_site(site) || self.tap_sites.contains(&site) {
+                return Err(crate::error::invalid(format!(
+                    "{what} cannot be combined with a module or a site gradient at '{site}'"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Passes `h` through activation site `site`: applies its interventions, then records it if
     /// captured.
     pub fn act(&mut self, site: ActSite, h: Tensor) -> Result<Tensor> {
@@ -250,7 +279,18 @@ impl<'a> Pass<'a> {
             path: self.path,
         };
         let cache = self.cache.as_deref_mut().map(|c| (c, layer));
-        Ok(attention(shape, q, k, v, &inputs, cache)?)
+        let (out, probs) = attention(shape, q, k, v, &inputs, cache)?;
+        let site = ActSite::AttnProbs(layer);
+        if self.capture.contains(&site) {
+            // [batch, heads, seq, keys] → [batch, seq, heads·keys], as captures are laid out.
+            let (b, h, s, keys) = probs.dims4()?;
+            let probs = probs
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b, s, h * keys))?;
+            self.captured.insert(site, probs.detach());
+        }
+        Ok(out)
     }
 
     /// Marks that this call's tokens went through every layer (generation).

@@ -27,7 +27,7 @@ use serde_json::Value;
 use super::{Architecture, Dims, HfCheckpoint};
 use crate::checkpoint::{JsonFile, SafetensorsCheckpoint};
 use crate::engine::layer_norm::{gelu_new, layer_norm};
-use crate::engine::{AttentionShape, Pass};
+use crate::engine::{AttentionShape, Pass, Qkv};
 use crate::error::{invalid, unsupported, Context, Result};
 use crate::runtime::{Runtime, Source, SourceKind};
 use crate::text::TextCodec;
@@ -173,16 +173,17 @@ impl Architecture for Gpt2 {
     fn block(&self, pass: &mut Pass<'_>, i: usize, h: Tensor) -> Result<Tensor> {
         let h = pass.act(ActSite::ResidPre(i), h)?;
 
-        let x = self.norm(pass, &h, &ln(i, 1, "weight"), &ln(i, 1, "bias"))?;
-        let q = pass.linear(WeightSite::AttnQ(i), &x)?;
-        let k = pass.linear(WeightSite::AttnK(i), &x)?;
-        let v = pass.linear(WeightSite::AttnV(i), &x)?;
-        let a = pass.attention(i, self.attention, None, &q, &k, &v)?;
+        let (ln_w, ln_b) = (ln(i, 1, "weight"), ln(i, 1, "bias"));
+        let Qkv { q, k, v, shape } =
+            pass.qkv(i, &h, self.attention, &|p, x| self.norm(p, x, &ln_w, &ln_b))?;
+        let a = pass.attention(i, shape, None, &q, &k, &v)?;
+        let a = pass.act(ActSite::AttnZ(i), a)?;
         let attn_out = pass.linear(WeightSite::AttnO(i), &a)?;
         let attn_out = pass.act(ActSite::AttnOut(i), attn_out)?;
         let h = (h + attn_out)?;
 
-        let x = self.norm(pass, &h, &ln(i, 2, "weight"), &ln(i, 2, "bias"))?;
+        let mlp_in = pass.act(ActSite::MlpIn(i), h.clone())?;
+        let x = self.norm(pass, &mlp_in, &ln(i, 2, "weight"), &ln(i, 2, "bias"))?;
         let up = pass.linear(WeightSite::MlpUp(i), &x)?;
         let key = gelu_new(&up, pass.path())?;
         let key = pass.act(ActSite::MlpKey(i), key)?;

@@ -17,7 +17,7 @@ use kedit_plugin_api::{ActSite, WeightSite};
 use self::config::LlamaConfig;
 use super::{Architecture, Dims, HfCheckpoint};
 use crate::checkpoint::{JsonFile, SafetensorsCheckpoint};
-use crate::engine::{AttentionShape, Pass};
+use crate::engine::{AttentionShape, Pass, Qkv};
 use crate::error::{Context, Result};
 use crate::gguf::GgufFile;
 use crate::runtime::{Runtime, Source, SourceKind};
@@ -82,20 +82,20 @@ impl Architecture for Llama {
         let (attn_norm, mlp_norm) = &self.norms[i];
         let h = pass.act(ActSite::ResidPre(i), h)?;
 
-        let x = pass.rms_norm(&h, attn_norm, eps)?;
-        let q = pass.linear(WeightSite::AttnQ(i), &x)?;
-        let k = pass.linear(WeightSite::AttnK(i), &x)?;
-        let v = pass.linear(WeightSite::AttnV(i), &x)?;
+        let Qkv { q, k, v, shape } =
+            pass.qkv(i, &h, self.attention, &|p, x| p.rms_norm(x, attn_norm, eps))?;
         let (q, k) = match self.qk_norms.get(i) {
             Some((qn, kn)) => (self.head_norm(pass, &q, qn)?, self.head_norm(pass, &k, kn)?),
             None => (q, k),
         };
-        let a = pass.attention(i, self.attention, Some(&self.config.rope), &q, &k, &v)?;
+        let a = pass.attention(i, shape, Some(&self.config.rope), &q, &k, &v)?;
+        let a = pass.act(ActSite::AttnZ(i), a)?;
         let attn_out = pass.linear(WeightSite::AttnO(i), &a)?;
         let attn_out = pass.act(ActSite::AttnOut(i), attn_out)?;
         let h = (h + attn_out)?;
 
-        let x = pass.rms_norm(&h, mlp_norm, eps)?;
+        let mlp_in = pass.act(ActSite::MlpIn(i), h.clone())?;
+        let x = pass.rms_norm(&mlp_in, mlp_norm, eps)?;
         let gate = pass.linear(WeightSite::MlpGate(i), &x)?;
         let up = pass.linear(WeightSite::MlpUp(i), &x)?;
         let key = (gate.silu()? * up)?;
