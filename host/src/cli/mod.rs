@@ -10,6 +10,7 @@ mod fetch;
 mod generate;
 mod info;
 mod plugins;
+mod safeedit_eval;
 mod trace;
 
 use std::path::PathBuf;
