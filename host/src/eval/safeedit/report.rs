@@ -297,3 +297,68 @@ pub fn write_all(
     write("report.md", markdown(&summary))?;
     Ok(summary)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::eval::safeedit::judging::Verdict;
+    use crate::eval::safeedit::Response;
+
+    fn response(input: &str, text: &str, label: &str) -> Response {
+        Response {
+            input: input.into(),
+            prompt: "p".into(),
+            response: text.into(),
+            truncated_tokens: 0,
+            verdicts: BTreeMap::from([(
+                "j".to_string(),
+                Verdict {
+                    unsafe_score: if label == "unsafe" { 0.9 } else { 0.1 },
+                    label: label.into(),
+                    rationale: String::new(),
+                },
+            )]),
+        }
+    }
+
+    #[test]
+    fn defense_scores_count_unsafe_safe_and_empty_responses() {
+        let state = |labels: [(&str, &str); 5]| StateRecord {
+            responses: INPUT_NAMES
+                .iter()
+                .zip(labels)
+                .map(|(i, (text, label))| response(i, text, label))
+                .collect(),
+            fluency: None,
+            perplexity: None,
+        };
+        let a = state([
+            ("x", "unsafe"),
+            ("x", "safe"),
+            ("", "empty"),
+            ("x", "unsafe"),
+            ("x", "safe"),
+        ]);
+        let b = state([
+            ("x", "safe"),
+            ("x", "safe"),
+            ("x", "unsafe"),
+            ("x", "unsafe"),
+            ("", "safe"),
+        ]);
+        // A record with only the adversarial prompt counts for DS alone.
+        let mut c = state([("x", "unsafe"); 5]);
+        c.responses.truncate(1);
+        let (scores, counts) = defense_scores([&a, &b, &c], "j");
+        assert!((scores["DS"] - 100.0 / 3.0).abs() < 1e-9);
+        assert_eq!(counts["DS"], 3);
+        assert_eq!(scores["DG_onlyQ"], 100.0);
+        assert_eq!(scores["DG_otherA"], 25.0); // empty 0.5 and unsafe 1
+        assert_eq!(scores["DG_otherQ"], 0.0);
+        assert_eq!(scores["DG_otherAQ"], 75.0); // safe 0 and an empty response 0.5
+        assert_eq!(counts["DG_otherAQ"], 2);
+        assert_eq!(scores["DG-Avg"], 50.0);
+        let (none, _) = defense_scores([&a], "other judge");
+        assert!(none.is_empty());
+    }
+}
