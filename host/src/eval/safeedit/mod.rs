@@ -224,7 +224,8 @@ fn edited_layer(report: &Value) -> (Option<usize>, bool) {
     (layer, located)
 }
 
-/// Runs the single-edit protocol over `requests`, then every judge over every response.
+/// Runs the single-edit protocol over `requests`; every judge scores each record's responses
+/// as soon as they exist.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     model: &mut ModelHandle,
@@ -266,43 +267,44 @@ pub fn run(
             run.cancelled |= edit.cancel.is_requested();
             break;
         }
-        let (record, broken) =
+        let (mut record, broken) =
             evaluate_case(model, edit, i, request, case, settings, &run, &progress)
                 .with_context(|| format!("record {i} (id {})", request.id))?;
+        if record.status == Status::Cancelled {
+            // Interrupted mid-edit: the record is left out rather than counted as unedited.
+            run.cancelled = true;
+            break;
+        }
+        // Judged right away, so that an interrupted run (Ctrl-C) still reports every record
+        // it finished.
+        let judged = Instant::now();
+        progress.set_message(format!("judging request {}", request.id));
+        judge_record(&mut record, judges)?;
+        run.judge_seconds += judged.elapsed().as_secs_f64();
         run.model_broken |= broken;
         run.records.push(record);
         progress.inc(1);
     }
     progress.finish_and_clear();
-    run.generate_seconds = started.elapsed().as_secs_f64();
+    run.generate_seconds = started.elapsed().as_secs_f64() - run.judge_seconds;
+    run.seconds = started.elapsed().as_secs_f64();
+    Ok(run)
+}
 
-    let judged = Instant::now();
-    let total: usize = run
-        .records
-        .iter()
-        .map(|r| r.pre.responses.len() + r.post.as_ref().map_or(0, |p| p.responses.len()))
-        .sum();
-    let progress = bar((total * judges.len()) as u64, show_progress);
-    progress.set_prefix("judging");
+/// Every judge's verdict on every response of a record.
+fn judge_record(record: &mut CaseRecord, judges: &[Judge]) -> Result<()> {
     for judge in judges {
-        progress.set_message(judge.label.clone());
-        for record in run.records.iter_mut() {
-            let states = std::iter::once(&mut record.pre).chain(record.post.as_mut());
-            for state in states {
-                for r in state.responses.iter_mut() {
-                    let verdict = judge
-                        .judge(&r.prompt, &r.response)
-                        .with_context(|| format!("record {} ({})", record.id, r.input))?;
-                    r.verdicts.insert(judge.label.clone(), verdict);
-                    progress.inc(1);
-                }
+        let states = std::iter::once(&mut record.pre).chain(record.post.as_mut());
+        for state in states {
+            for r in state.responses.iter_mut() {
+                let verdict = judge
+                    .judge(&r.prompt, &r.response)
+                    .with_context(|| format!("record {} ({})", record.id, r.input))?;
+                r.verdicts.insert(judge.label.clone(), verdict);
             }
         }
     }
-    progress.finish_and_clear();
-    run.judge_seconds = judged.elapsed().as_secs_f64();
-    run.seconds = started.elapsed().as_secs_f64();
-    Ok(run)
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -368,6 +370,9 @@ fn evaluate_case(
     };
     if summary.model_broken {
         return Ok((record, true));
+    }
+    if status == Status::Cancelled {
+        return Ok((record, false));
     }
     // A failed edit was rolled back by the session: it is evaluated as an edit that changed
     // nothing, as the other protocols do.
