@@ -80,6 +80,11 @@ impl ModelHandle {
             .collect()
     }
 
+    /// The ABI object itself, for a consumer that keeps the model (the model-as-judge).
+    pub fn into_abi(self) -> ModelBox {
+        self.inner
+    }
+
     /// The model lent to an editor for one call.
     pub fn as_abi_mut(&mut self) -> ModelMut<'_> {
         self.inner.sabi_reborrow_mut()

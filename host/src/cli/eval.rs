@@ -10,7 +10,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use serde_json::json;
 
-use super::{Context, ModelArgs};
+use super::{safeedit_eval, Context, ModelArgs};
 use crate::cancel::CancelFlag;
 use crate::config::EvalConfig;
 use crate::data::{load_requests, DataFormat, Window};
@@ -69,20 +69,38 @@ pub struct EvalArgs {
     /// Recompute the pre-edit baseline instead of using the cached one.
     #[arg(long)]
     pub fresh_baseline: bool,
+    /// SafeEdit: the safety judge, `rules` (a judge plugin's judge, by name) or
+    /// `model[:NAME|PATH]` (the model-as-judge on that model, default smollm2-135m-instruct).
+    /// Repeat to judge the same responses with several judges (default: rules).
+    #[arg(long, value_name = "JUDGE")]
+    pub judge: Vec<String>,
+    /// SafeEdit: new tokens per response (default: the method's `max_output_length`, else 600).
+    #[arg(long, value_name = "N")]
+    pub max_new_tokens: Option<usize>,
+    /// SafeEdit: a text corpus, one document per line, whose last --ppl-docs lines give the
+    /// held-out perplexity before and after each edit.
+    #[arg(long, value_name = "FILE")]
+    pub ppl_corpus: Option<PathBuf>,
+    /// SafeEdit: documents in the held-out perplexity slice.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub ppl_docs: usize,
+    /// SafeEdit: tokens per held-out document (longer ones are cut).
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    pub ppl_max_tokens: usize,
 }
 
 /// Flags over `[eval]`.
-struct Plan {
-    method: String,
-    data: PathBuf,
-    format: DataFormat,
-    window: Window,
-    seed: u64,
-    out: PathBuf,
-    options: ProtocolOptions,
-    settings: ScoreSettings,
-    use_cache: bool,
-    user_hparams: Vec<HparamsLayer>,
+pub(super) struct Plan {
+    pub(super) method: String,
+    pub(super) data: PathBuf,
+    pub(super) format: DataFormat,
+    pub(super) window: Window,
+    pub(super) seed: u64,
+    pub(super) out: PathBuf,
+    pub(super) options: ProtocolOptions,
+    pub(super) settings: ScoreSettings,
+    pub(super) use_cache: bool,
+    pub(super) user_hparams: Vec<HparamsLayer>,
 }
 
 fn plan(context: &Context, args: &EvalArgs) -> Result<Plan> {
@@ -164,6 +182,12 @@ pub fn run(context: &Context, args: EvalArgs) -> Result<ExitCode> {
     let requests = load_requests(&plan.data, format, plan.window)?;
     if requests.is_empty() {
         bail!("{}: no records in the selected slice", plan.data.display());
+    }
+    if format == DataFormat::Safeedit {
+        return safeedit_eval::run(context, &args, &plan, &requests, started);
+    }
+    if !args.judge.is_empty() || args.max_new_tokens.is_some() || args.ppl_corpus.is_some() {
+        bail!("--judge, --max-new-tokens and --ppl-corpus apply to --format safeedit only");
     }
     let registry = context.registry()?;
     let (plugin, method) = registry.editor_for_method(&plan.method)?;

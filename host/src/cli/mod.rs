@@ -12,6 +12,7 @@ mod generate;
 mod info;
 mod lens;
 mod plugins;
+mod safeedit_eval;
 mod trace;
 
 use std::path::PathBuf;

@@ -95,7 +95,7 @@ pub fn zsre(r: &Record, index: usize) -> Result<EditRequest> {
 }
 
 /// The four generalisation inputs of a SafeEdit record, in the paper's order.
-const GENERALIZATION_INPUTS: [&str; 4] = [
+pub const GENERALIZATION_INPUTS: [&str; 4] = [
     "test input of only harmful question",
     "test input of other attack prompt input",
     "test input of other question input",

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+pub use formats::GENERALIZATION_INPUTS;
 pub use inline::{flag_request, inline_request};
 pub use record::Record;
 

@@ -1,7 +1,8 @@
 //! `kedit eval`: the field's metrics (../shared/METHODS.md §6, [`metrics`]), computed per request
 //! in one batched forward pass ([`score`]), under the single / sequential / batch protocols
 //! ([`protocol`]), against a cached pre-edit baseline ([`baseline`]), written as JSON, JSONL,
-//! Markdown and charts ([`report`], [`chart`]).
+//! Markdown and charts ([`report`], [`chart`]). SafeEdit records take their own path
+//! ([`safeedit`]): generated responses, safety judges, DS/DG.
 
 pub mod baseline;
 pub mod chart;
@@ -10,4 +11,5 @@ pub mod heatmap;
 pub mod metrics;
 pub mod protocol;
 pub mod report;
+pub mod safeedit;
 pub mod score;

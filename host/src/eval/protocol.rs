@@ -91,7 +91,7 @@ pub struct EditContext<'a> {
     pub cancel: CancelFlag,
 }
 
-fn bar(len: u64, show: bool) -> ProgressBar {
+pub(crate) fn bar(len: u64, show: bool) -> ProgressBar {
     let bar = if show {
         ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::stderr())
     } else {

@@ -45,11 +45,11 @@ fn ordered(metrics: &BTreeMap<String, f64>) -> Vec<(&str, f64)> {
     out
 }
 
-fn number(v: f64) -> Value {
+pub(crate) fn number(v: f64) -> Value {
     serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number)
 }
 
-fn stats(values: &[f64]) -> Value {
+pub(crate) fn stats(values: &[f64]) -> Value {
     let min = values.iter().copied().fold(f64::INFINITY, f64::min);
     let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     json!({

@@ -15,10 +15,11 @@ use abi_stable::library::{
     lib_header_from_raw_library, LibraryError, RawLibrary, RootModule,
     ROOT_MODULE_LOADER_NAME_WITH_NUL,
 };
-use abi_stable::std_types::{ROption, RString};
+use abi_stable::std_types::{ROption, RResult, RString};
 use kedit_plugin_api::plugin::init_root_module;
 use kedit_plugin_api::{
-    kind, EditorBox, HostServicesBox, ModelBox, OpenRequest, PluginInfo, PluginModRef, API_LEVEL,
+    kind, EditorBox, HostServicesBox, JudgeBox, ModelBox, OpenRequest, PluginError, PluginInfo,
+    PluginModRef, API_LEVEL,
 };
 
 use super::abi_error::{trim_abi_error, MAX_ABI_ERROR_LINES};
@@ -240,6 +241,19 @@ impl LoadedPlugin {
 
     pub fn new_editor(&self) -> Result<EditorBox, PluginCallError> {
         self.id.check("new_editor", (self.module.new_editor())())
+    }
+
+    /// A judge plugin's judge; a plugin built before API level 2 has none.
+    pub fn new_judge(&self) -> Result<JudgeBox, PluginCallError> {
+        match self.module.new_judge() {
+            Some(new_judge) => self.id.check("new_judge", new_judge()),
+            None => self.id.check(
+                "new_judge",
+                RResult::RErr(PluginError::unsupported(
+                    "this plugin was built before judges existed (API level 1)",
+                )),
+            ),
+        }
     }
 
     /// The family names this plugin provides.
