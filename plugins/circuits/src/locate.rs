@@ -244,3 +244,45 @@ pub fn lens_of(
     let streams = logit_lens(client, &ids, hp.top)?;
     Ok(LensReport { ids, streams })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_advertised_defaults_are_the_defaults() {
+        let hp = CircuitHparams::from_json(CIRCUIT_DEFAULT_HPARAMS).unwrap();
+        let d = CircuitHparams::default();
+        assert_eq!(
+            (hp.top_n, hp.ig_steps, hp.check_edges, hp.include_wrong),
+            (d.top_n, d.ig_steps, d.check_edges, d.include_wrong)
+        );
+        assert_eq!(
+            (hp.role_threshold, hp.role_min_effect),
+            (d.role_threshold, d.role_min_effect)
+        );
+        assert!(hp.curve.is_empty() && hp.swaps.is_empty() && hp.pair.is_none());
+        let lens: LensHparams = serde_json::from_str(LENS_DEFAULT_HPARAMS).unwrap();
+        assert_eq!(lens.top, LensHparams::default().top);
+    }
+
+    #[test]
+    fn unknown_settings_are_refused_by_name() {
+        let err = CircuitHparams::from_json(r#"{"top": 5}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `top`"), "{err}");
+        assert_eq!(CircuitHparams::from_json("").unwrap().top_n, 3000);
+    }
+
+    #[test]
+    fn a_pair_round_trips_through_json() {
+        let pair = PromptPair {
+            clean: vec![1, 2, 3],
+            corrupt: vec![1, 4, 3],
+            subject: 1..2,
+            answer: 7,
+            foil: 8,
+        };
+        let json = serde_json::json!({ "pair": pair }).to_string();
+        assert_eq!(CircuitHparams::from_json(&json).unwrap().pair, Some(pair));
+    }
+}
