@@ -6,14 +6,14 @@
 use kedit_plugin_api::{EditRequest, ModelClient, PluginError};
 use serde::{Deserialize, Serialize};
 
-use crate::circuit::{
+use kedit_circuits::circuit::{
     check_edges, compare, faithfulness_curve, find_circuit, Circuit, CircuitDiff,
     CircuitSettings, CurvePoint, EdgeCheck,
 };
-use crate::eap::PromptPair;
-use crate::lens::{logit_lens, LensRow};
-use crate::probe::Probe;
-use crate::prompts::{answer_token, build_pair, PairOutcome, TextFact};
+use kedit_circuits::eap::PromptPair;
+use kedit_circuits::lens::{logit_lens, LensRow};
+use kedit_circuits::probe::Probe;
+use kedit_circuits::prompts::{answer_token, build_pair, PairOutcome, TextFact};
 
 pub const CIRCUIT_DEFAULT_HPARAMS: &str = r#"{"top_n": 3000, "ig_steps": 20, "role_threshold": 0.5, "role_min_effect": 0.03, "check_edges": 0, "curve": [], "include_wrong": false, "swaps": []}"#;
 pub const LENS_DEFAULT_HPARAMS: &str = r#"{"top": 5}"#;
