@@ -126,11 +126,15 @@ pub fn locate_one(
         &mut EditProgress::new(&cancel, None),
     )?;
     let reports: Vec<Value> = serde_json::from_str(&text).with_context(|| {
-        format!("record {}: the {method} answer is not a JSON list of reports", request.id)
+        format!(
+            "record {}: the {method} answer is not a JSON list of reports",
+            request.id
+        )
     })?;
-    reports.into_iter().next().with_context(|| {
-        format!("record {}: the {method} answer has no report", request.id)
-    })
+    reports
+        .into_iter()
+        .next()
+        .with_context(|| format!("record {}: the {method} answer has no report", request.id))
 }
 
 #[derive(Deserialize)]

@@ -5,9 +5,9 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Result};
 use super::circuit_graph::Node;
 use super::circuit_render::Layout;
+use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};

@@ -7,8 +7,8 @@ use kedit_plugin_api::{EditRequest, ModelClient, PluginError};
 use serde::{Deserialize, Serialize};
 
 use kedit_circuits::circuit::{
-    check_edges, compare, faithfulness_curve, find_circuit, Circuit, CircuitDiff,
-    CircuitSettings, CurvePoint, EdgeCheck,
+    check_edges, compare, faithfulness_curve, find_circuit, Circuit, CircuitDiff, CircuitSettings,
+    CurvePoint, EdgeCheck,
 };
 use kedit_circuits::eap::PromptPair;
 use kedit_circuits::lens::{logit_lens, LensRow};
@@ -82,9 +82,13 @@ impl CircuitHparams {
 pub enum CircuitReport {
     Found(Box<FoundCircuit>),
     /// Not analysed: the model's top token is not the answer (without `include_wrong`).
-    Wrong { reason: String },
+    Wrong {
+        reason: String,
+    },
     /// Not analysed: no swap of the same token length changes the prediction.
-    NoSwap { reason: String },
+    NoSwap {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Serialize)]
@@ -186,7 +190,10 @@ pub fn circuit_of(
     } else {
         faithfulness_curve(&probe, &pair, &hp.curve, settings.ig_steps)?
     };
-    let diff = hp.compare_to.as_ref().map(|before| compare(before, &circuit));
+    let diff = hp
+        .compare_to
+        .as_ref()
+        .map(|before| compare(before, &circuit));
     Ok(CircuitReport::Found(Box::new(FoundCircuit {
         answer,
         answer_token: tokens_of(client, &[pair.answer]),
