@@ -181,3 +181,52 @@ fn lens_writes_a_table_json_and_a_chart() {
     assert!(md.contains("| layer 2 |"), "{md}");
     assert_images(&out, "lens");
 }
+
+fn kedit_fails(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_kedit"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "kedit {args:?} should have failed");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The analysis is a plugin: listed with its two `locate` methods, refusing to edit, and
+/// replaceable only by a plugin that can locate.
+#[test]
+fn the_analysis_is_the_circuits_plugin() {
+    let listing = kedit(&["plugins"]);
+    let at = listing
+        .find("circuits  editor")
+        .unwrap_or_else(|| panic!("no circuits plugin in:\n{listing}"));
+    let entry = &listing[at..];
+    let entry = &entry[..entry.find("capabilities").unwrap()];
+    assert!(
+        entry.contains("method circuit:") && entry.contains("method lens:"),
+        "{entry}"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let model = fixture_with_tokenizer(tmp.path());
+    let model = model.to_str().unwrap();
+    let data = knowns(tmp.path());
+    let data = data.to_str().unwrap();
+    let err = kedit_fails(&[
+        "edit", "--model", model, "--method", "circuit", "--data", data, "--format", "knowns",
+    ]);
+    assert!(err.contains("this plugin only analyses"), "{err}");
+
+    let out = tmp.path().join("out");
+    let err = kedit_fails(&[
+        "circuit",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--analysis-method",
+        "ft",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(err.contains("it has no `locate`"), "{err}");
+}

@@ -1,8 +1,10 @@
-//! `kedit circuit`: knowledge circuits (EAP-IG, docs/circuits.md) of the facts in a data file.
-//! Per fact a JSON file, the graph as Graphviz DOT, SVG and PNG; summary.json and summary.md
-//! with faithfulness and time per circuit. With `--compare`, each fact is also edited (any
-//! method) and analysed again, the edit is rolled back, and the edges that appeared or vanished
-//! are written and drawn.
+//! `kedit circuit`: knowledge circuits (EAP-IG, docs/circuits.md) of the facts in a data file,
+//! found by an analysis plugin's `locate` (method `circuit` of the circuits plugin, or any
+//! plugin's method given with --analysis-method that answers the same JSON). Per fact a JSON
+//! file, the graph as Graphviz DOT, SVG and PNG; summary.json and summary.md with faithfulness
+//! and time per circuit. With `--compare`, each fact is also edited (any method) and analysed
+//! again, the edit is rolled back, and the edges that appeared or vanished are written and
+//! drawn.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,22 +13,20 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
-use kedit_circuits::circuit::{check_edges, faithfulness_curve, CurvePoint, EdgeCheck};
-use kedit_circuits::graph::{nodes_of, prune_dead_nodes};
-use kedit_circuits::prompts::{build_pair, BuiltPair, PairOutcome, TextFact};
-use kedit_circuits::render::{compare_layout, layout, to_dot};
-use kedit_circuits::{compare, find_circuit, Circuit, CircuitSettings, Edge, Probe};
-use kedit_plugin_api::{EditRequest, ModelClient};
-use serde::Serialize;
+use kedit_plugin_api::{capability, EditRequest};
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::{Context, ModelArgs};
 use crate::cancel::CancelFlag;
 use crate::data::{load_requests, DataFormat, Window};
 use crate::editor::{EditProgress, EditorHandle};
+use crate::eval::circuit_graph::{nodes_of, prune_dead_nodes, Edge, Node};
+use crate::eval::circuit_render::{compare_layout, layout, to_dot};
 use crate::eval::graph_image::write_graph;
 use crate::hparams::merge_hparams;
 use crate::model::ModelHandle;
+use crate::plugins::Registry;
 
 #[derive(Args, Debug)]
 pub struct CircuitArgs {
@@ -83,9 +83,93 @@ pub struct CircuitArgs {
     /// Hyper-parameters (TOML) of the edit, merged over the config's [hparams].
     #[arg(long, value_name = "FILE")]
     pub hparams: Option<PathBuf>,
+    /// The analysis plugin's `locate` method that finds the circuits.
+    #[arg(long, value_name = "METHOD", default_value = "circuit")]
+    pub analysis_method: String,
     /// Output directory (created; files in it are overwritten).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+}
+
+/// An analysis plugin and its `locate` method: the editor plugin that offers `method` and has
+/// the `locate` capability.
+pub fn analyser(registry: &Registry, method: &str) -> Result<(EditorHandle, String)> {
+    let (plugin, method) = registry.editor_for_method(method)?;
+    if !plugin
+        .info
+        .capabilities
+        .iter()
+        .any(|c| c.as_str() == capability::LOCATE)
+    {
+        bail!(
+            "plugin {} (method {method}) cannot analyse: it has no `locate`",
+            plugin.name()
+        );
+    }
+    Ok((EditorHandle::new(plugin)?, method))
+}
+
+/// Runs `method`'s `locate` on one request and returns its single report.
+pub fn locate_one(
+    analyser: &mut EditorHandle,
+    model: &mut ModelHandle,
+    method: &str,
+    request: &EditRequest,
+    hparams: &Value,
+) -> Result<Value> {
+    let cancel = CancelFlag::new();
+    let text = analyser.locate(
+        model,
+        method,
+        std::slice::from_ref(request),
+        &hparams.to_string(),
+        &mut EditProgress::new(&cancel, None),
+    )?;
+    let reports: Vec<Value> = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "record {}: the {method} answer is not a JSON list of reports",
+            request.id
+        )
+    })?;
+    reports
+        .into_iter()
+        .next()
+        .with_context(|| format!("record {}: the {method} answer has no report", request.id))
+}
+
+#[derive(Deserialize)]
+struct RoleView {
+    head: Node,
+}
+
+/// The fields of a circuit report that kedit summarises and draws; the JSON files keep the
+/// whole report.
+#[derive(Deserialize)]
+struct CircuitView {
+    metric_clean: f64,
+    metric_corrupt: f64,
+    faithfulness: f64,
+    normalized_faithfulness: f64,
+    nodes: Vec<Node>,
+    edges: Vec<Edge>,
+    mover_heads: Vec<RoleView>,
+    relation_heads: Vec<RoleView>,
+    seconds: f64,
+}
+
+/// A circuit as the plugin reported it, and the view of it kedit draws.
+struct Found {
+    json: Value,
+    view: CircuitView,
+}
+
+impl Found {
+    fn of(report: &Value, id: &str) -> Result<Self> {
+        let json = report["circuit"].clone();
+        let view = serde_json::from_value(json.clone())
+            .with_context(|| format!("record {id}: the circuit report lacks fields kedit draws"))?;
+        Ok(Self { json, view })
+    }
 }
 
 /// One analysed fact, as summary.json lists it.
@@ -106,10 +190,10 @@ struct Row {
     seconds: f64,
     /// With --check-edges: EAP-IG score vs the patched metric change of the strongest edges.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    edge_checks: Vec<EdgeCheck>,
+    edge_checks: Vec<Value>,
     /// With --curve: faithfulness by circuit size.
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    faithfulness_curve: Vec<CurvePoint>,
+    faithfulness_curve: Vec<Value>,
 }
 
 fn write_json(path: &Path, value: &impl Serialize) -> Result<()> {
@@ -132,23 +216,6 @@ fn stem_for(index: usize, id: &str) -> String {
     format!("{index:04}_{id}")
 }
 
-fn fact_of(r: &EditRequest) -> Result<TextFact> {
-    let answer = r
-        .ground_truth
-        .as_ref()
-        .into_option()
-        .map(|s| s.to_string())
-        .unwrap_or_else(|| r.target_new.to_string());
-    if r.subject.is_empty() || answer.trim().is_empty() {
-        bail!("record {}: a circuit needs a subject and an answer", r.id);
-    }
-    Ok(TextFact {
-        prompt: r.prompt.to_string(),
-        subject: r.subject.to_string(),
-        answer,
-    })
-}
-
 /// The `k` strongest edges of a circuit (edges come sorted by |score|), without the nodes
 /// that leaves dangling: what the images show.
 fn strongest(edges: &[Edge], k: usize) -> Vec<Edge> {
@@ -161,11 +228,11 @@ fn write_circuit(
     dir: &Path,
     stem: &str,
     title: &str,
-    circuit: &Circuit,
+    circuit: &Found,
     extra: Value,
     draw_top: usize,
 ) -> Result<()> {
-    let mut value = serde_json::to_value(circuit)?;
+    let mut value = circuit.json.clone();
     if let (Some(v), Some(e)) = (value.as_object_mut(), extra.as_object()) {
         for (k, x) in e {
             v.insert(k.clone(), x.clone());
@@ -174,73 +241,77 @@ fn write_circuit(
     write_json(&dir.join(format!("{stem}.json")), &value)?;
     fs::write(
         dir.join(format!("{stem}.dot")),
-        to_dot(title, &circuit.nodes, &circuit.edges),
+        to_dot(title, &circuit.view.nodes, &circuit.view.edges),
     )
     .with_context(|| format!("cannot write {stem}.dot"))?;
-    let drawn = strongest(&circuit.edges, draw_top);
+    let drawn = strongest(&circuit.view.edges, draw_top);
     let title = format!(
         "{title}: strongest {} of {} edges",
         drawn.len(),
-        circuit.edges.len()
+        circuit.view.edges.len()
     );
     write_graph(dir, stem, &title, &layout(&nodes_of(&drawn), &drawn))
 }
 
-fn tokens_of(client: &ModelClient<'_>, ids: &[u32]) -> Vec<String> {
-    ids.iter()
-        .map(|&t| {
-            client
-                .detokenize(&[t], false)
-                .unwrap_or_else(|_| format!("<{t}>"))
-        })
-        .collect()
-}
-
-fn names(roles: &[kedit_circuits::HeadRole]) -> Vec<String> {
+fn names(roles: &[RoleView]) -> Vec<String> {
     roles.iter().map(|r| r.head.to_string()).collect()
 }
 
-/// Edits `request` towards `target`, finds the circuit of the same pair with the new answer,
+/// The analysis settings of every circuit, as the hparams of `locate`.
+fn settings_of(args: &CircuitArgs) -> Value {
+    json!({
+        "top_n": args.top_n,
+        "ig_steps": args.ig_steps,
+        "role_threshold": args.role_threshold,
+        "role_min_effect": args.role_min_effect,
+    })
+}
+
+/// What `--compare` needs: the editing plugin, its method and merged hparams.
+struct Editing {
+    editor: EditorHandle,
+    method: String,
+    hparams: String,
+    target: String,
+}
+
+/// Edits `request` towards the target, has the analyser find the circuit of the same prompt
+/// pair (`pair` from the report before) with the new answer and its difference to `before`,
 /// rolls the edit back, and writes the comparison.
 #[allow(clippy::too_many_arguments)]
 fn compare_after_edit(
     model: &mut ModelHandle,
-    editor: &mut EditorHandle,
-    method: &str,
-    hparams: &str,
+    analysis: (&mut EditorHandle, &str),
+    editing: &mut Editing,
+    settings: &Value,
     request: &EditRequest,
-    target: &str,
-    built: &BuiltPair,
-    before: &Circuit,
-    settings: &CircuitSettings,
+    pair: &Value,
+    before: &Found,
     dir: &Path,
     stem: &str,
     draw_top: usize,
 ) -> Result<Value> {
+    let (analyser, analysis_method) = analysis;
+    let (method, target) = (editing.method.as_str(), editing.target.as_str());
     let mut edit = request.clone();
     edit.target_new = target.into();
     let mark = model.journal_mark()?;
     let cancel = CancelFlag::new();
     let started = Instant::now();
-    editor.edit(
+    editing.editor.edit(
         model,
         method,
-        &[edit],
-        hparams,
+        std::slice::from_ref(&edit),
+        &editing.hparams,
         &mut EditProgress::new(&cancel, None),
     )?;
     let edit_seconds = started.elapsed().as_secs_f64();
     let result = (|| -> Result<Value> {
-        let client = ModelClient::new(model.as_abi_mut());
-        let probe = Probe::new(&client)?;
-        let mut pair = built.pair.clone();
-        let prompt_ids = pair.clean.clone();
-        pair.answer =
-            kedit_circuits::prompts::answer_token(&client, &prompt_ids, &request.prompt, target)?;
-        if pair.foil == pair.answer {
-            pair.foil = built.pair.answer;
-        }
-        let after = find_circuit(&probe, &pair, settings)?;
+        let mut hparams = settings.clone();
+        hparams["pair"] = pair.clone();
+        hparams["compare_to"] = before.json.clone();
+        let report = locate_one(analyser, model, analysis_method, &edit, &hparams)?;
+        let after = Found::of(&report, &request.id)?;
         let title = format!("{} → {} after {method}", request.prompt, target.trim());
         write_circuit(
             dir,
@@ -250,30 +321,32 @@ fn compare_after_edit(
             json!({"edit_target": target}),
             draw_top,
         )?;
-        let diff = compare(before, &after);
+        let diff = &report["diff"];
+        let count = |key: &str| diff[key].as_array().map_or(0, Vec::len);
         let title = format!(
             "{}: +{} edges (green), −{} edges (grey) after {method}",
             request.prompt,
-            diff.appeared.len(),
-            diff.vanished.len()
+            count("appeared"),
+            count("vanished")
         );
         // The picture compares the strongest edges of each circuit; the JSON has every change.
         let layout = compare_layout(
-            &strongest(&before.edges, draw_top),
-            &strongest(&after.edges, draw_top),
+            &strongest(&before.view.edges, draw_top),
+            &strongest(&after.view.edges, draw_top),
         );
         let title = format!("{title}; drawn: the strongest {draw_top} edges of each");
         write_graph(dir, &format!("{stem}.compare"), &title, &layout)?;
+        let (b, a) = (&before.view, &after.view);
         let value = json!({
             "method": method,
             "target_new": target,
             "edit_seconds": edit_seconds,
-            "before": {"faithfulness": before.faithfulness, "metric_clean": before.metric_clean,
-                       "edges": before.edges.len(), "mover_heads": names(&before.mover_heads),
-                       "relation_heads": names(&before.relation_heads)},
-            "after": {"faithfulness": after.faithfulness, "metric_clean": after.metric_clean,
-                      "edges": after.edges.len(), "mover_heads": names(&after.mover_heads),
-                      "relation_heads": names(&after.relation_heads)},
+            "before": {"faithfulness": b.faithfulness, "metric_clean": b.metric_clean,
+                       "edges": b.edges.len(), "mover_heads": names(&b.mover_heads),
+                       "relation_heads": names(&b.relation_heads)},
+            "after": {"faithfulness": a.faithfulness, "metric_clean": a.metric_clean,
+                      "edges": a.edges.len(), "mover_heads": names(&a.mover_heads),
+                      "relation_heads": names(&a.relation_heads)},
             "diff": diff,
         });
         write_json(&dir.join(format!("{stem}.compare.json")), &value)?;
@@ -283,13 +356,12 @@ fn compare_after_edit(
     result
 }
 
+fn list(value: &Value) -> Vec<Value> {
+    value.as_array().cloned().unwrap_or_default()
+}
+
 pub fn run(context: &Context, args: CircuitArgs) -> Result<ExitCode> {
-    let settings = CircuitSettings {
-        top_n: args.top_n,
-        ig_steps: args.ig_steps,
-        role_threshold: args.role_threshold,
-        role_min_effect: args.role_min_effect,
-    };
+    let settings = settings_of(&args);
     let window = Window {
         offset: args.offset.unwrap_or(0),
         limit: None,
@@ -300,28 +372,34 @@ pub fn run(context: &Context, args: CircuitArgs) -> Result<ExitCode> {
     }
     let swaps: Vec<String> = requests.iter().map(|r| r.subject.to_string()).collect();
     let registry = context.registry()?;
-    let mut editor = None;
-    if args.compare {
+    let (mut analyser, analysis_method) = analyser(&registry, &args.analysis_method)?;
+    let mut editing = None;
+    if let (true, Some(target)) = (args.compare, &args.target_new) {
         let (plugin, method) = registry.editor_for_method(&args.method)?;
-        let handle = EditorHandle::new(plugin)?;
-        editor = Some((handle, method));
+        editing = Some((EditorHandle::new(plugin)?, method, target.clone()));
     }
     let mut model = context.open_model_with(&registry, &args.model)?;
     let family = model.facts().family.to_string();
-    let hparams = match &mut editor {
-        Some((handle, method)) => {
-            let info = handle
-                .method_info(method)
+    let mut editing = match editing {
+        Some((editor, method, target)) => {
+            let info = editor
+                .method_info(&method)
                 .cloned()
                 .with_context(|| format!("the editor lost method {method}"))?;
-            merge_hparams(
+            let hparams = merge_hparams(
                 &info,
                 &family,
                 &context.user_hparams(args.hparams.as_deref())?,
             )?
-            .to_string()
+            .to_string();
+            Some(Editing {
+                editor,
+                method,
+                hparams,
+                target,
+            })
         }
-        None => String::new(),
+        None => None,
     };
     let out = &args.out;
     let records_dir = out.join("records");
@@ -334,71 +412,74 @@ pub fn run(context: &Context, args: CircuitArgs) -> Result<ExitCode> {
         if rows.len() >= limit {
             break;
         }
-        let fact = fact_of(request)?;
         let stem = stem_for(i + args.offset.unwrap_or(0), &request.id);
-        let (built, circuit, extra, checks, curve) = {
-            let client = ModelClient::new(model.as_abi_mut());
-            // Swap candidates: the other facts, starting after this one.
-            let order: Vec<String> = swaps[i + 1..].iter().chain(&swaps[..i]).cloned().collect();
-            let built = match build_pair(&client, &fact, &order, !args.include_wrong)? {
-                PairOutcome::Built(built) => built,
-                PairOutcome::Wrong => {
-                    skipped.push(json!({"id": request.id.as_str(), "reason": "the model's top token is not the answer"}));
-                    continue;
-                }
-                PairOutcome::NoSwap => {
-                    skipped.push(json!({"id": request.id.as_str(), "reason": "no subject of the same token length that changes the prediction"}));
-                    continue;
-                }
-            };
-            let probe = Probe::new(&client)?;
-            let circuit = find_circuit(&probe, &built.pair, &settings)?;
-            let k = args.check_edges.min(circuit.edges.len());
-            let checks = check_edges(&probe, &built.pair, &circuit.edges[..k])?;
-            let curve = if args.curve.is_empty() {
-                Vec::new()
-            } else {
-                faithfulness_curve(&probe, &built.pair, &args.curve, settings.ig_steps)?
-            };
-            let extra = json!({
-                "edge_checks": &checks,
-                "faithfulness_curve": &curve,
-                "id": request.id.as_str(),
-                "prompt": fact.prompt,
-                "subject": fact.subject,
-                "answer": fact.answer,
-                "answer_token": tokens_of(&client, &[built.pair.answer]),
-                "foil_token": tokens_of(&client, &[built.pair.foil]),
-                "corrupt_prompt": built.corrupt_prompt,
-                "tokens": tokens_of(&client, &built.pair.clean),
-                "subject_range": [built.pair.subject.start, built.pair.subject.end],
-                "correct": built.correct,
-            });
-            (built, circuit, extra, checks, curve)
-        };
+        // Swap candidates: the other facts, starting after this one.
+        let order: Vec<String> = swaps[i + 1..].iter().chain(&swaps[..i]).cloned().collect();
+        let mut hparams = settings.clone();
+        hparams["check_edges"] = json!(args.check_edges);
+        hparams["curve"] = json!(args.curve);
+        hparams["include_wrong"] = json!(args.include_wrong);
+        hparams["swaps"] = json!(order);
+        let report = locate_one(
+            &mut analyser,
+            &mut model,
+            &analysis_method,
+            request,
+            &hparams,
+        )?;
+        match report["outcome"].as_str() {
+            Some("found") => {}
+            Some("wrong" | "no_swap") => {
+                skipped.push(json!({"id": request.id.as_str(), "reason": report["reason"]}));
+                continue;
+            }
+            other => bail!(
+                "record {}: the {analysis_method} report has outcome {other:?} (expected found, wrong or no_swap)",
+                request.id
+            ),
+        }
+        let circuit = Found::of(&report, &request.id)?;
+        let answer = report["answer"].as_str().unwrap_or_default().to_string();
+        let (checks, curve) = (
+            list(&report["edge_checks"]),
+            list(&report["faithfulness_curve"]),
+        );
+        let extra = json!({
+            "edge_checks": &checks,
+            "faithfulness_curve": &curve,
+            "id": request.id.as_str(),
+            "prompt": request.prompt.as_str(),
+            "subject": request.subject.as_str(),
+            "answer": answer,
+            "answer_token": report["answer_token"],
+            "foil_token": report["foil_token"],
+            "corrupt_prompt": report["corrupt_prompt"],
+            "tokens": report["tokens"],
+            "subject_range": report["subject_range"],
+            "correct": report["correct"],
+        });
+        let c = &circuit.view;
         let title = format!(
             "{} → {} (faithfulness {:.2})",
-            fact.prompt, fact.answer, circuit.faithfulness
+            request.prompt, answer, c.faithfulness
         );
         write_circuit(&records_dir, &stem, &title, &circuit, extra, args.draw_top)?;
         eprintln!(
             "{stem}: {} edges, faithfulness {:.3} (normalized {:.3}), {:.1}s",
-            circuit.edges.len(),
-            circuit.faithfulness,
-            circuit.normalized_faithfulness,
-            circuit.seconds
+            c.edges.len(),
+            c.faithfulness,
+            c.normalized_faithfulness,
+            c.seconds
         );
-        if let (Some((handle, method)), Some(target)) = (&mut editor, &args.target_new) {
+        if let Some(editing) = &mut editing {
             let value = compare_after_edit(
                 &mut model,
-                handle,
-                method,
-                &hparams,
-                request,
-                target,
-                &built,
-                &circuit,
+                (&mut analyser, &analysis_method),
+                editing,
                 &settings,
+                request,
+                &report["pair"],
+                &circuit,
                 &records_dir,
                 &stem,
                 args.draw_top,
@@ -407,18 +488,21 @@ pub fn run(context: &Context, args: CircuitArgs) -> Result<ExitCode> {
         }
         rows.push(Row {
             id: request.id.to_string(),
-            prompt: fact.prompt.clone(),
-            answer: fact.answer.clone(),
-            corrupt_subject: built.corrupt_subject.clone(),
-            faithfulness: circuit.faithfulness,
-            normalized_faithfulness: circuit.normalized_faithfulness,
-            metric_clean: circuit.metric_clean,
-            metric_corrupt: circuit.metric_corrupt,
-            edges: circuit.edges.len(),
-            nodes: circuit.nodes.len(),
-            mover_heads: names(&circuit.mover_heads),
-            relation_heads: names(&circuit.relation_heads),
-            seconds: circuit.seconds,
+            prompt: request.prompt.to_string(),
+            answer,
+            corrupt_subject: report["corrupt_subject"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+            faithfulness: c.faithfulness,
+            normalized_faithfulness: c.normalized_faithfulness,
+            metric_clean: c.metric_clean,
+            metric_corrupt: c.metric_corrupt,
+            edges: c.edges.len(),
+            nodes: c.nodes.len(),
+            mover_heads: names(&c.mover_heads),
+            relation_heads: names(&c.relation_heads),
+            seconds: c.seconds,
             edge_checks: checks,
             faithfulness_curve: curve,
         });

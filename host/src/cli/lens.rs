@@ -1,7 +1,8 @@
 //! `kedit lens`: the logit lens of a prompt (docs/circuits.md): the top tokens the residual
 //! stream decodes to after every block, through the model's own final norm and head, as
 //! lens.json, a Markdown table (lens.md) and a chart (lens.png / lens.svg: the top token's
-//! probability per stream and position).
+//! probability per stream and position). The lens is computed by an analysis plugin's `locate`
+//! (method `lens` of the circuits plugin); kedit writes and draws it.
 
 use std::fs;
 use std::path::PathBuf;
@@ -9,10 +10,11 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
-use kedit_circuits::lens::{logit_lens, LensRow};
-use kedit_plugin_api::ModelClient;
+use kedit_plugin_api::{EditRequest, ModelClient};
+use serde::Deserialize;
 use serde_json::json;
 
+use super::circuit::{analyser, locate_one};
 use super::{Context, ModelArgs};
 use crate::eval::heatmap::{write_heatmap, Heatmap, Panel, PURPLE};
 
@@ -26,9 +28,33 @@ pub struct LensArgs {
     /// Tokens kept per stream and position.
     #[arg(long, default_value_t = 5)]
     pub top: usize,
+    /// The analysis plugin's `locate` method that computes the lens.
+    #[arg(long, value_name = "METHOD", default_value = "lens")]
+    pub analysis_method: String,
     /// Output directory (created; files in it are overwritten).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
+}
+
+/// One token and its probability.
+#[derive(Deserialize)]
+struct Ranked {
+    token: u32,
+    prob: f32,
+}
+
+/// The top tokens of one stream (`embed`, `layer N`) at every position, best first.
+#[derive(Deserialize)]
+struct LensRow {
+    stream: String,
+    top: Vec<Vec<Ranked>>,
+}
+
+/// The lens report: the prompt's token ids and one row per stream.
+#[derive(Deserialize)]
+struct LensView {
+    ids: Vec<u32>,
+    streams: Vec<LensRow>,
 }
 
 fn cell(token: &str) -> String {
@@ -39,15 +65,29 @@ pub fn run(context: &Context, args: LensArgs) -> Result<ExitCode> {
     if args.top == 0 {
         bail!("--top must be at least 1");
     }
-    let mut model = context.open_model(&args.model)?;
+    let registry = context.registry()?;
+    let (mut analyser, method) = analyser(&registry, &args.analysis_method)?;
+    let mut model = context.open_model_with(&registry, &args.model)?;
     let model_name = model
         .source()
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
+    let request = EditRequest {
+        id: "cli".into(),
+        prompt: args.prompt.as_str().into(),
+        ..Default::default()
+    };
+    let report = locate_one(
+        &mut analyser,
+        &mut model,
+        &method,
+        &request,
+        &json!({"top": args.top}),
+    )?;
+    let LensView { ids, streams: rows } = serde_json::from_value(report)
+        .with_context(|| format!("the {method} answer is not a logit lens report"))?;
     let client = ModelClient::new(model.as_abi_mut());
-    let ids = client.tokenize(&args.prompt, true)?;
-    let rows = logit_lens(&client, &ids, args.top)?;
     let text = |t: u32| {
         client
             .detokenize(&[t], false)

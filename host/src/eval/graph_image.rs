@@ -1,13 +1,13 @@
 //! Knowledge-circuit graphs as PNG and SVG, drawn with `plotters` primitives from the layered
-//! layout of [`kedit_circuits::render::layout`] (Graphviz is not needed): one row per layer,
+//! layout of [`super::circuit_render::layout`] (Graphviz is not needed): one row per layer,
 //! a box per node, edges as lines whose width follows |score|. Without a font (see
 //! [`super::chart`]) the boxes are drawn without labels.
 
 use std::path::Path;
 
+use super::circuit_graph::Node;
+use super::circuit_render::Layout;
 use anyhow::{anyhow, Result};
-use kedit_circuits::render::Layout;
-use kedit_circuits::Node;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -105,8 +105,8 @@ pub fn write_graph(dir: &Path, stem: &str, title: &str, layout: &Layout) -> Resu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kedit_circuits::render::layout;
-    use kedit_circuits::Edge;
+    use crate::eval::circuit_graph::{nodes_of, Edge};
+    use crate::eval::circuit_render::layout;
 
     #[test]
     fn graphs_are_written_as_png_and_svg() {
@@ -123,7 +123,7 @@ mod tests {
                 score: 0.5,
             },
         ];
-        let nodes = kedit_circuits::graph::nodes_of(&edges);
+        let nodes = nodes_of(&edges);
         let dir = tempfile::tempdir().unwrap();
         write_graph(dir.path(), "g", "a <b> & c", &layout(&nodes, &edges)).unwrap();
         let svg = std::fs::read_to_string(dir.path().join("g.svg")).unwrap();

@@ -6,6 +6,8 @@
 
 pub mod baseline;
 pub mod chart;
+pub mod circuit_graph;
+pub mod circuit_render;
 pub mod graph_image;
 pub mod heatmap;
 pub mod metrics;

@@ -22,12 +22,14 @@ use kedit_plugin_api::{
     Batch, ForwardRequest, GradRequest, Intervention, InterventionMode, LogitsWanted, NllTerm,
     Padding, PluginError, Tensor,
 };
+use serde::{Deserialize, Serialize};
 
 use crate::graph::{self, Edge, Node};
 use crate::probe::{dot, sub, NodeVectors, Probe, Run};
 
 /// A clean prompt and its corruption (the subject swapped for one of the same token length).
-#[derive(Clone, Debug, PartialEq)]
+/// Serialised so that the host can hand the pair back for the analysis after an edit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PromptPair {
     pub clean: Vec<u32>,
     pub corrupt: Vec<u32>,

@@ -1,11 +1,11 @@
 //! Knowledge circuits and the logit lens over any model family, through canonical sites only
-//! (docs/circuits.md).
+//! (docs/circuits.md): the engine of the circuits plugin (`plugins/circuits`), whose `locate`
+//! the host calls.
 //!
 //! - [`graph`]: the nodes (input, every head, every MLP, logits) and edges, top-n and pruning;
 //! - [`probe`]: node outputs and per-node inputs as sites;
 //! - [`eap`]: EAP-IG edge scores, direct edge patching, and the circuit-only metric;
 //! - [`circuit`]: one circuit with faithfulness and head roles, and before/after comparison;
-//! - [`render`]: Graphviz DOT text and the layered layout the host draws;
 //! - [`lens`]: the logit lens;
 //! - [`prompts`]: clean/corrupted pairs from text facts (subject swaps of equal token length).
 
@@ -15,7 +15,6 @@ pub mod graph;
 pub mod lens;
 pub mod probe;
 pub mod prompts;
-pub mod render;
 #[cfg(feature = "testkit")]
 pub mod testkit;
 

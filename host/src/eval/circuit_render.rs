@@ -1,11 +1,11 @@
-//! A circuit as Graphviz DOT text, and a layered layout (one row per layer that has circuit
-//! nodes, the input on top, the logits at the bottom) that the host draws as SVG and PNG
-//! without Graphviz.
+//! A circuit (as the circuits plugin reports it) as Graphviz DOT text, and a layered layout
+//! (one row per layer that has circuit nodes, the input on top, the logits at the bottom) that
+//! [`super::graph_image`] draws as SVG and PNG without Graphviz.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use crate::graph::{Edge, Node};
+use super::circuit_graph::{by_pair, nodes_of, Edge, Node};
 
 /// Edges that support the answer (negative score) are blue, the others red.
 pub const SUPPORT: (u8, u8, u8) = (31, 90, 180);
@@ -138,8 +138,8 @@ pub fn layout(nodes: &[Node], edges: &[Edge]) -> Layout {
 /// Both circuits in one picture: the union of their nodes; edges in both coloured by sign,
 /// edges only `after` has green, edges only `before` had grey.
 pub fn compare_layout(before: &[Edge], after: &[Edge]) -> Layout {
-    let b = crate::graph::by_pair(before);
-    let a = crate::graph::by_pair(after);
+    let b = by_pair(before);
+    let a = by_pair(after);
     let mut colored: Vec<(Edge, (u8, u8, u8))> = after
         .iter()
         .map(|e| {
@@ -158,7 +158,7 @@ pub fn compare_layout(before: &[Edge], after: &[Edge]) -> Layout {
             .map(|e| (e.clone(), VANISHED)),
     );
     let all: Vec<Edge> = colored.iter().map(|(e, _)| e.clone()).collect();
-    layout_colored(&crate::graph::nodes_of(&all), &colored)
+    layout_colored(&nodes_of(&all), &colored)
 }
 
 fn layout_colored(nodes: &[Node], colored: &[(Edge, (u8, u8, u8))]) -> Layout {
@@ -238,7 +238,7 @@ mod tests {
                 score: 1.0,
             },
         ];
-        let nodes = crate::graph::nodes_of(&edges);
+        let nodes = nodes_of(&edges);
         let dot = to_dot("t", &nodes, &edges);
         assert!(
             dot.contains("\"input\" -> \"a1.h2\" [penwidth=6.00"),
