@@ -299,50 +299,33 @@ pub const FAMILY_DEFAULTS: &[(&str, &str)] = &[
 mod tests {
     use super::*;
 
-    #[test]
-    fn defaults_parse_for_every_family_and_unknown_keys_are_rejected() {
-        let base: serde_json::Value = serde_json::from_str(DEFAULT_HPARAMS).unwrap();
-        RomeHparams::from_json(DEFAULT_HPARAMS).unwrap();
-        for (family, json) in FAMILY_DEFAULTS {
+    /// Every family's overrides name only default keys, and the merged hparams parse.
+    fn check_family_defaults(method: &str, base: &serde_json::Value, families: &[(&str, &str)]) {
+        for (family, json) in families {
             let mut merged = base.clone();
             let over: serde_json::Value = serde_json::from_str(json).unwrap();
             for (k, v) in over.as_object().unwrap() {
                 assert!(
                     merged.get(k).is_some(),
-                    "{family}: {k} is not a default key"
+                    "{method} {family}: {k} is not a default key"
                 );
                 merged[k] = v.clone();
             }
             RomeHparams::from_json(&merged.to_string()).unwrap();
         }
+    }
+
+    #[test]
+    fn defaults_parse_for_every_family_and_unknown_keys_are_rejected() {
+        let base: serde_json::Value = serde_json::from_str(DEFAULT_HPARAMS).unwrap();
+        RomeHparams::from_json(DEFAULT_HPARAMS).unwrap();
+        check_family_defaults("rome", &base, FAMILY_DEFAULTS);
         let mbase: serde_json::Value = serde_json::from_str(MEMIT_DEFAULT_HPARAMS).unwrap();
-        for (family, json) in MEMIT_FAMILY_DEFAULTS {
-            let mut merged = mbase.clone();
-            let over: serde_json::Value = serde_json::from_str(json).unwrap();
-            for (k, v) in over.as_object().unwrap() {
-                assert!(
-                    merged.get(k).is_some(),
-                    "memit {family}: {k} is not a default key"
-                );
-                merged[k] = v.clone();
-            }
-            RomeHparams::from_json(&merged.to_string()).unwrap();
-        }
+        check_family_defaults("memit", &mbase, MEMIT_FAMILY_DEFAULTS);
         let abase: serde_json::Value = serde_json::from_str(&alphaedit_default_hparams()).unwrap();
         let a = RomeHparams::from_json(&abase.to_string()).unwrap();
         assert_eq!((a.l2, a.nullspace_threshold, a.v_lr), (1.0, 2e-2, 0.1));
-        for (family, json) in ALPHAEDIT_FAMILY_DEFAULTS {
-            let mut merged = abase.clone();
-            let over: serde_json::Value = serde_json::from_str(json).unwrap();
-            for (k, v) in over.as_object().unwrap() {
-                assert!(
-                    merged.get(k).is_some(),
-                    "alphaedit {family}: {k} is not a default key"
-                );
-                merged[k] = v.clone();
-            }
-            RomeHparams::from_json(&merged.to_string()).unwrap();
-        }
+        check_family_defaults("alphaedit", &abase, ALPHAEDIT_FAMILY_DEFAULTS);
         let mut bad = base.clone();
         bad["v_lr_typo"] = 1.0.into();
         let e = RomeHparams::from_json(&bad.to_string()).unwrap_err();

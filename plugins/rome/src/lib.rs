@@ -397,13 +397,7 @@ impl RomeEditor {
         hp: &RomeHparams,
         progress: &mut ProgressMut<'_>,
     ) -> Result<MemitOutcome, PluginError> {
-        let facts = model.facts()?;
-        let layers = self.memit_layers(hp, facts.n_layers as usize, METHOD_MEMIT)?;
-        let groups = self.memit_groups(model, hp)?;
-        let reqs: Vec<RomeRequest> = requests
-            .iter()
-            .map(|r| RomeRequest::new(model, r, false))
-            .collect::<Result<_, _>>()?;
+        let (layers, groups, reqs) = self.memit_inputs(model, requests, hp, METHOD_MEMIT)?;
         let mut stat_reports = Vec::new();
         let mut covs: HashMap<usize, Arc<Vec<f64>>> = HashMap::new();
         if hp.mom2_adjustment {
@@ -436,12 +430,7 @@ impl RomeEditor {
         progress: &mut ProgressMut<'_>,
     ) -> Result<MemitOutcome, PluginError> {
         let facts = model.facts()?;
-        let layers = self.memit_layers(hp, facts.n_layers as usize, METHOD_ALPHAEDIT)?;
-        let groups = self.memit_groups(model, hp)?;
-        let reqs: Vec<RomeRequest> = requests
-            .iter()
-            .map(|r| RomeRequest::new(model, r, false))
-            .collect::<Result<_, _>>()?;
+        let (layers, groups, reqs) = self.memit_inputs(model, requests, hp, METHOD_ALPHAEDIT)?;
         let mut stat_reports = Vec::new();
         // P needs C whatever `mom2_adjustment` says: the projection replaces the λC term.
         let stats = self.key_statistics_for(model, hp, &layers, progress, &mut stat_reports)?;
@@ -504,13 +493,17 @@ impl RomeEditor {
         Ok((groups, trace, stat_reports))
     }
 
-    /// The edited layers, ascending, each checked to exist.
-    fn memit_layers(
-        &self,
+    /// What MEMIT and AlphaEdit start from: the edited layers (ascending, each checked to
+    /// exist), EasyEdit's two template groups (the bare "{}" and the generated ones), and the
+    /// requests.
+    fn memit_inputs(
+        &mut self,
+        model: &ModelClient<'_>,
+        requests: &[EditRequest],
         hp: &RomeHparams,
-        n_layers: usize,
         method: &str,
-    ) -> Result<Vec<usize>, PluginError> {
+    ) -> Result<(Vec<usize>, Vec<Vec<String>>, Vec<RomeRequest>), PluginError> {
+        let n_layers = model.facts()?.n_layers as usize;
         let mut layers = hp.layers.clone();
         layers.sort_unstable();
         layers.dedup();
@@ -519,19 +512,15 @@ impl RomeEditor {
                 "{method}: layer {l} does not exist (the model has {n_layers} layers)"
             )));
         }
-        Ok(layers)
-    }
-
-    /// EasyEdit's two template groups for MEMIT-style keys: the bare "{}" and the generated ones.
-    fn memit_groups(
-        &mut self,
-        model: &ModelClient<'_>,
-        hp: &RomeHparams,
-    ) -> Result<Vec<Vec<String>>, PluginError> {
         let contexts = self.context_templates(model, hp, " ")?;
         let (bare, rest): (Vec<String>, Vec<String>) =
             contexts.into_iter().partition(|c| c == "{}");
-        Ok([bare, rest].into_iter().filter(|g| !g.is_empty()).collect())
+        let groups = [bare, rest].into_iter().filter(|g| !g.is_empty()).collect();
+        let reqs = requests
+            .iter()
+            .map(|r| RomeRequest::new(model, r, false))
+            .collect::<Result<_, _>>()?;
+        Ok((layers, groups, reqs))
     }
 }
 
