@@ -79,6 +79,9 @@ pub type RomeOutcome = (Vec<String>, Vec<LayerTrace>, Vec<StatsReport>);
 /// What a MEMIT call did: the template groups, the trace, statistics.
 pub type MemitOutcome = (Vec<Vec<String>>, memit::MemitTrace, Vec<StatsReport>);
 
+/// The edited layers, the template groups and the requests of a MEMIT or AlphaEdit call.
+type MemitInputs = (Vec<usize>, Vec<Vec<String>>, Vec<RomeRequest>);
+
 /// The inverse-solve of a cached C: its Cholesky factor.
 pub struct CachedStats {
     pub moment: SecondMoment,
@@ -502,7 +505,7 @@ impl RomeEditor {
         requests: &[EditRequest],
         hp: &RomeHparams,
         method: &str,
-    ) -> Result<(Vec<usize>, Vec<Vec<String>>, Vec<RomeRequest>), PluginError> {
+    ) -> Result<MemitInputs, PluginError> {
         let n_layers = model.facts()?.n_layers as usize;
         let mut layers = hp.layers.clone();
         layers.sort_unstable();
