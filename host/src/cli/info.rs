@@ -48,6 +48,7 @@ pub fn run(context: &Context, args: InfoArgs) -> Result<ExitCode> {
             "capabilities": capabilities,
             "device": f.device.as_str(),
             "load_seconds": load_seconds,
+            "blas": kedit_kernels::blas::status().to_string(),
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
         return Ok(ExitCode::SUCCESS);
@@ -96,6 +97,7 @@ pub fn run(context: &Context, args: InfoArgs) -> Result<ExitCode> {
         ),
         ("device", f.device.to_string()),
         ("load time", format!("{load_seconds:.2} s")),
+        ("blas", kedit_kernels::blas::status().to_string()),
     ];
     for (key, value) in rows {
         println!("{key:<15} {value}");

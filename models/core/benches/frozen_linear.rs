@@ -1,11 +1,13 @@
-//! `x·Wᵀ` with frozen weights: kedit's `linear` (skinny kernel for few rows) against candle's own
-//! matmul on the same operands, interleaved in one run so that both see the same machine load.
+//! `x·Wᵀ` with frozen weights: kedit's `linear` (skinny kernel for few rows, the run-time BLAS
+//! for more when one is installed) against candle's own matmul on the same operands, interleaved
+//! in one run so that both see the same machine load.
 //!
 //!   cargo bench -p kedit-model-core --bench frozen_linear
 //!
 //! Shapes are SmolLM2-135M's and Qwen2.5-0.5B's projections and heads; `m` is the number of
-//! token rows (1 = decoding one token, 5 and 8 = batches of prompts decoding together). More rows
-//! go to candle's GEMM in both, so they are not compared here.
+//! token rows (1 = decoding one token, 5 and 8 = batches of prompts decoding together; 64 = a
+//! prefill, 160 = one ROME optimisation step's rows). Without a BLAS (`KEDIT_BLAS=off`, or none
+//! installed) rows beyond 8 take candle's GEMM in both.
 
 use candle_core::{Device, Tensor};
 use kedit_model_core::engine::frozen::linear;
@@ -29,13 +31,14 @@ fn main() -> candle_core::Result<()> {
         ("qwen2.5 head", 896, 151936),
     ];
     println!("isa: {}", kedit_kernels::isa());
+    println!("blas: {}", kedit_kernels::blas::status());
     println!(
         "{:<18} {:>3} {:>12} {:>12} {:>7} {:>9}",
-        "shape", "m", "candle µs", "kedit µs", "ratio", "kedit GB/s"
+        "shape", "m", "candle µs", "kedit µs", "ratio", "kedit GB/s|GFLOP/s"
     );
     for &(name, k, n) in shapes {
         let w = Tensor::randn(0f32, 1.0, (n, k), &dev)?;
-        for m in [1usize, 5, 8] {
+        for m in [1usize, 5, 8, 64, 160] {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?;
             let reps = (2_000_000_000 / (n * k * 4)).clamp(5, 400);
             let (mut ours, mut theirs) = (Vec::new(), Vec::new());
@@ -55,7 +58,11 @@ fn main() -> candle_core::Result<()> {
                 c * 1e6,
                 o * 1e6,
                 c / o,
-                (n * k * 4) as f64 / o / 1e9
+                if m <= 8 {
+                    (n * k * 4) as f64 / o / 1e9
+                } else {
+                    (2 * m * n * k) as f64 / o / 1e9
+                }
             );
         }
     }

@@ -7,6 +7,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Shape, Tensor};
+use kedit_kernels::blas;
 
 /// `x · Wᵀ` for `x: [m, k]`, `W: [n, k]`; backward gives only `dx = g · W`.
 struct FrozenMatmul;
@@ -31,27 +32,84 @@ impl FrozenMatmul {
     }
 }
 
-/// `x·Wᵀ` for few rows on contiguous f32 operands by [`kedit_kernels`]' streaming kernel; `None`
-/// when the operands are not of that kind (the backend's matmul takes them).
+/// The contiguous f32 data of a CPU operand, `None` for any other kind.
+fn f32_slice<'a>(s: &'a CpuStorage, layout: &Layout) -> Option<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        return None;
+    };
+    let (a, b) = layout.contiguous_offsets()?;
+    Some(&v[a..b])
+}
+
+/// `x·Wᵀ` on contiguous f32 operands by [`kedit_kernels`]: the streaming kernel for few rows, the
+/// run-time BLAS (when one is installed) for the rest; `None` when neither takes the operands
+/// (the backend's matmul does).
 fn kernel_nt(
     x: &CpuStorage,
     x_layout: &Layout,
     w: &CpuStorage,
     w_layout: &Layout,
 ) -> Option<(CpuStorage, Shape)> {
-    let (CpuStorage::F32(xs), CpuStorage::F32(ws)) = (x, w) else {
-        return None;
-    };
     let (m, k) = x_layout.shape().dims2().ok()?;
     let (n, k2) = w_layout.shape().dims2().ok()?;
-    if k != k2 || !kedit_kernels::handles(m, k, n) {
+    if k != k2 {
         return None;
     }
-    let (x0, x1) = x_layout.contiguous_offsets()?;
-    let (w0, w1) = w_layout.contiguous_offsets()?;
-    let mut y = vec![0f32; m * n];
-    kedit_kernels::matmul_nt(&xs[x0..x1], &ws[w0..w1], m, k, n, &mut y);
+    let skinny = kedit_kernels::handles(m, k, n);
+    let blas = if skinny { None } else { Some(blas::get()?) };
+    let (xs, ws) = (f32_slice(x, x_layout)?, f32_slice(w, w_layout)?);
+    let y = match blas {
+        None => {
+            let mut y = vec![0f32; m * n];
+            kedit_kernels::matmul_nt(xs, ws, m, k, n, &mut y);
+            y
+        }
+        Some(b) => b.matmul_nt(xs, ws, m, k, n),
+    };
     Some((CpuStorage::F32(y), Shape::from((m, n))))
+}
+
+/// `g·W`, the input gradient of [`FrozenMatmul`], for `g: [m, n]`, `W: [n, k]`; through the
+/// run-time BLAS on the CPU when there is one.
+struct InputGrad;
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, n) = l1.shape().dims2()?;
+        let (n2, k) = l2.shape().dims2()?;
+        if n != n2 {
+            candle_core::bail!("frozen matmul grad: [{m}, {n}] does not fit weight [{n2}, {k}]");
+        }
+        if let (Some(b), Some(g), Some(w)) = (blas::get(), f32_slice(s1, l1), f32_slice(s2, l2)) {
+            let y = b.matmul_nn(g, w, m, n, k);
+            return Ok((CpuStorage::F32(y), Shape::from((m, k))));
+        }
+        let out = s1.matmul(s2, (1, m, k, n), l1, l2)?;
+        Ok((out, Shape::from((m, k))))
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (m, n) = l1.shape().dims2()?;
+        let (_, k) = l2.shape().dims2()?;
+        let out = s1.matmul(s2, (1, m, k, n), l1, l2)?;
+        Ok((out, Shape::from((m, k))))
+    }
 }
 
 impl CustomOp2 for FrozenMatmul {
@@ -89,7 +147,8 @@ impl CustomOp2 for FrozenMatmul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(w)?), None))
+        let g = grad.contiguous()?;
+        Ok((Some(g.apply_op2_no_bwd(w, &InputGrad)?), None))
     }
 }
 
@@ -105,7 +164,8 @@ pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let (n, _) = w.dims2()?;
     let x2 = x.reshape((m, k))?;
     // One op for inference and gradients alike, so both compute the same values; on the CPU it
-    // takes the streaming kernel for few rows (decoding) and the backend's GEMM otherwise.
+    // takes the streaming kernel for few rows (decoding), else the run-time BLAS if installed,
+    // else the backend's GEMM.
     let y = if x2.track_op() {
         x2.apply_op2(w, FrozenMatmul)?
     } else {
