@@ -9,6 +9,7 @@ pub mod heads;
 pub mod kv_cache;
 pub mod layer_norm;
 pub mod layout;
+pub mod loss;
 pub mod ops;
 pub mod pass;
 pub mod rope;

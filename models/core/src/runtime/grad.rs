@@ -20,7 +20,7 @@ use crate::device::{from_abi, to_abi};
 use crate::engine::edits::SiteEdit;
 use crate::engine::kv_cache::KvCache;
 use crate::engine::layout::RowLayout;
-use crate::engine::ops::log_softmax_last_dim;
+use crate::engine::loss::{contracted_log_softmax, SlotLogProbs};
 use crate::engine::{Pass, Path};
 use crate::error::{invalid, not_found, numeric, Result};
 
@@ -124,22 +124,21 @@ impl LossPlan {
     }
 
     /// (nll, kl, per-term log-probabilities) from the slots' log-probabilities.
-    fn values(&self, logp: &[f32], vocab: usize) -> (f64, f64, Vec<f32>) {
+    fn values(&self, logp: &SlotLogProbs) -> (f64, f64, Vec<f32>) {
         let mut nll = 0f64;
         let mut logprobs = Vec::with_capacity(self.nll.len());
         for &(k, token, w) in &self.nll {
-            let lp = logp[k * vocab + token as usize];
+            let lp = logp.get(k, token as usize);
             logprobs.push(lp);
             nll -= w as f64 * lp as f64;
         }
         let mut kl = 0f64;
         for (k, reference, w) in &self.kl {
-            let row = &logp[k * vocab..(k + 1) * vocab];
             let term: f64 = reference
                 .iter()
-                .zip(row)
+                .zip(logp.row(*k))
                 .filter(|(r, _)| r.is_finite())
-                .map(|(&r, &lp)| (r as f64).exp() * (r as f64 - lp as f64))
+                .map(|(&r, lp)| (r as f64).exp() * (r as f64 - lp as f64))
                 .sum();
             kl += *w as f64 * term;
         }
@@ -475,15 +474,9 @@ impl<A: Architecture> Runtime<A> {
         let (nll, kl, nll_logprobs, grads) = match slot_logits {
             None => (0.0, 0.0, Vec::new(), None),
             Some(logits) => {
-                let logp = log_softmax_last_dim(&logits)?;
-                let host = logp.detach().flatten_all()?.to_vec1::<f32>()?;
-                let (nll, kl, lps) = loss_plan.values(&host, vocab);
-                let c = Tensor::from_vec(
-                    loss_plan.coefficients(vocab),
-                    (loss_plan.slots.len(), vocab),
-                    &self.device,
-                )?;
-                let objective = (logp * c)?.sum_all()?.neg()?;
+                let (objective, logp) =
+                    contracted_log_softmax(&logits, loss_plan.coefficients(vocab))?;
+                let (nll, kl, lps) = loss_plan.values(&logp);
                 (nll, kl, lps, Some(objective.backward()?))
             }
         };
