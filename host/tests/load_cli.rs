@@ -7,6 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use kedit_plugin_api::testing::{self, numbered_words, word_level_tokenizer, WordStyle};
+
 use serde_json::json;
 
 const VOCAB: usize = 512;
@@ -17,24 +19,8 @@ fn fixture_with_tokenizer(dir: &Path) -> PathBuf {
         "/../../shared/fixtures/llama"
     ));
     let model = dir.join("llama");
-    std::fs::create_dir_all(&model).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(src.join(f), model.join(f)).unwrap();
-    }
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        (0..VOCAB).map(|i| (format!("w{i}"), json!(i))).collect();
-    let tokenizer = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "WhitespaceSplit"},
-        "post_processor": null,
-        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}
-    });
-    std::fs::write(model.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let tokenizer = word_level_tokenizer(numbered_words(VOCAB), "w0", WordStyle::Spaces);
+    testing::fixture_with_tokenizer(&src, &model, &tokenizer);
     model
 }
 

@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use kedit_judges::rules::RuleJudge;
+use kedit_plugin_api::testing::{self, word_level_tokenizer, WordStyle};
 use kedit_plugin_api::Judge;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 const VOCAB: usize = 512;
 const SAFEEDIT: &str = concat!(
@@ -52,10 +53,6 @@ fn fixture_with_tokenizer(dir: &Path, records: &[Value]) -> PathBuf {
         "/../../shared/fixtures/llama"
     ));
     let model = dir.join("llama");
-    std::fs::create_dir_all(&model).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(src.join(f), model.join(f)).unwrap();
-    }
     let mut texts = Vec::new();
     records.iter().for_each(|r| strings(r, &mut texts));
     let mut words: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
@@ -64,23 +61,9 @@ fn fixture_with_tokenizer(dir: &Path, records: &[Value]) -> PathBuf {
             words.push(w.to_string());
         }
     }
-    let vocab: serde_json::Map<String, Value> = words
-        .iter()
-        .enumerate()
-        .map(|(i, w)| (w.clone(), json!(i)))
-        .collect();
-    let tokenizer = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "WhitespaceSplit"},
-        "post_processor": null,
-        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-    });
-    std::fs::write(model.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let vocab = words.iter().enumerate().map(|(i, w)| (w, i as u32));
+    let tokenizer = word_level_tokenizer(vocab, "<unk>", WordStyle::Spaces);
+    testing::fixture_with_tokenizer(&src, &model, &tokenizer);
     model
 }
 

@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use kedit_plugin_api::testing::{self, word_level_tokenizer, WordStyle};
+
 use serde_json::{json, Value};
 
 const WORDS: &str =
@@ -17,27 +19,14 @@ fn fixture_with_tokenizer(dir: &Path) -> PathBuf {
         "/../../shared/fixtures/llama"
     ));
     let model = dir.join("llama");
-    std::fs::create_dir_all(&model).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(src.join(f), model.join(f)).unwrap();
-    }
-    let mut vocab = serde_json::Map::new();
-    vocab.insert("<unk>".into(), json!(0));
-    for (i, w) in WORDS.split(' ').enumerate() {
-        vocab.insert(w.into(), json!(10 + i));
-    }
-    let tokenizer = json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [],
-        "normalizer": {"type": "Lowercase"},
-        "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-    });
-    std::fs::write(model.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    let vocab = std::iter::once(("<unk>", 0)).chain(
+        WORDS
+            .split(' ')
+            .enumerate()
+            .map(|(i, w)| (w, 10 + i as u32)),
+    );
+    let tokenizer = word_level_tokenizer(vocab, "<unk>", WordStyle::Lowercase);
+    testing::fixture_with_tokenizer(&src, &model, &tokenizer);
     model
 }
 

@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 
 use kedit_editor_rome::RomeEditor;
 use kedit_plugin_api::native::Editor;
+use kedit_plugin_api::testing::{
+    fixture_with_tokenizer, numbered_words, word_level_tokenizer, WordStyle,
+};
 use kedit_plugin_api::{
     abi_stable::sabi_trait::TD_Opaque, Batch, EditRequest, ForwardRequest, LogitsWanted,
     ModelClient, Padding, Progress_TO,
@@ -19,33 +22,12 @@ fn workspace() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
 }
 
-/// A WordLevel tokenizer: word `wN` is id N, split on whitespace.
-fn word_tokenizer() -> String {
-    let vocab: serde_json::Map<String, serde_json::Value> = (0..VOCAB)
-        .map(|i| (format!("w{i}"), serde_json::Value::from(i)))
-        .collect();
-    serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "WhitespaceSplit"},
-        "post_processor": null,
-        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}
-    })
-    .to_string()
-}
-
 /// The fixture's config and weights (linked) with the word-level tokenizer, in a fresh dir.
 fn with_tokenizer(fixture: &str) -> tempfile::TempDir {
     let src = workspace().join("../shared/fixtures").join(fixture);
     let dir = tempfile::tempdir().unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::os::unix::fs::symlink(src.join(f), dir.path().join(f)).unwrap();
-    }
-    std::fs::write(dir.path().join("tokenizer.json"), word_tokenizer()).unwrap();
+    let tokenizer = word_level_tokenizer(numbered_words(VOCAB), "w0", WordStyle::Spaces);
+    fixture_with_tokenizer(&src, dir.path(), &tokenizer);
     // A corpus of random words for the key statistics C (one document per line).
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let mut next = || {

@@ -109,6 +109,27 @@ fn assert_top20(what: &str, logits: &[f32], ids: &[f64], want: &[f64]) {
     }
 }
 
+/// The forced side answers through ΔW_side, the sum of 2 × 70 SGD steps: f32 summation-order
+/// differences in those gradients (kedit's GEMM against PyTorch's) accumulate into an offset
+/// shared by every logit, which softmax ignores. So the top-20 must match within a wider absolute
+/// tolerance and, relative to the top logit (the offset removed), within the usual 1e-3.
+/// Measured: offsets 1.0–2.0e-3, differences from the top within 5e-4.
+fn assert_top20_up_to_shift(what: &str, logits: &[f32], ids: &[f64], want: &[f64]) {
+    const ABS_TOL: f64 = 3e-3;
+    const RELATIVE_TOL: f64 = 1e-3;
+    let top = logits[ids[0] as usize] as f64;
+    for (id, w) in ids.iter().zip(want) {
+        let g = logits[*id as usize] as f64;
+        if (g - w).abs() >= ABS_TOL || ((g - top) - (w - want[0])).abs() >= RELATIVE_TOL {
+            fail(format!(
+                "{what}: logit of id {id}: got {g} ({} below the top), want {w} ({} below)",
+                top - g,
+                want[0] - w
+            ));
+        }
+    }
+}
+
 fn dw_norms(side: &[f32], w: &[f32], cols: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let rows = w.len() / cols;
     let mut r = vec![0f64; rows];
@@ -454,7 +475,7 @@ fn wise_matches_easyedit_iteration_by_iteration_on_smollm2() {
     // the first returned, so it answers W + ΔW_side.
     for p in probes {
         let l = last_logits(&client, &probe(p));
-        assert_top20(
+        assert_top20_up_to_shift(
             &format!("{p} forced side"),
             &l,
             &want[&format!("{p}.forced_side.top20_ids")],

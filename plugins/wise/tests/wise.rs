@@ -11,6 +11,9 @@ use kedit_editor_wise::{
     WiseEditor,
 };
 use kedit_plugin_api::native::Editor;
+use kedit_plugin_api::testing::{
+    fixture_with_tokenizer, numbered_words, word_level_tokenizer, WordStyle,
+};
 use kedit_plugin_api::{
     abi_stable::sabi_trait::TD_Opaque, testing::QuietProgress, Batch, EditRequest, ForwardRequest,
     GenerateRequest, LogitsWanted, ModelBox, ModelClient, Padding, Progress_TO, PromptAnswer,
@@ -26,32 +29,11 @@ fn workspace() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
 }
 
-/// A WordLevel tokenizer: word `wN` is id N, split on whitespace.
-fn word_tokenizer() -> String {
-    let vocab: serde_json::Map<String, Value> = (0..VOCAB)
-        .map(|i| (format!("w{i}"), Value::from(i)))
-        .collect();
-    serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "WhitespaceSplit"},
-        "post_processor": null,
-        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": false},
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}
-    })
-    .to_string()
-}
-
 fn tiny_dir() -> tempfile::TempDir {
     let src = workspace().join("../shared/fixtures/llama");
     let dir = tempfile::tempdir().unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::os::unix::fs::symlink(src.join(f), dir.path().join(f)).unwrap();
-    }
-    std::fs::write(dir.path().join("tokenizer.json"), word_tokenizer()).unwrap();
+    let tokenizer = word_level_tokenizer(numbered_words(VOCAB), "w0", WordStyle::Spaces);
+    fixture_with_tokenizer(&src, dir.path(), &tokenizer);
     dir
 }
 
