@@ -1,6 +1,6 @@
 //! `kedit demo`: the README's first command ends here. FT-L moves "The Eiffel Tower is located in
 //! the city of" from " Paris" to a new target on the real SmolLM2, while an unrelated prompt keeps
-//! its answer; the model is fetched on first use.
+//! its answer; the model (and OpenBLAS, for faster prefill and editing) is fetched on first use.
 
 use std::process::ExitCode;
 
@@ -11,6 +11,8 @@ use kedit_plugin_api::PromptAnswer;
 use super::edit::{apply_plan, EditPlan};
 use super::{Context, ModelArgs};
 use crate::data::flag_request;
+use crate::resolve::cache_root;
+use crate::runtime_libs::OPENBLAS;
 
 const PROMPT: &str = "The Eiffel Tower is located in the city of";
 const SUBJECT: &str = "Eiffel Tower";
@@ -30,6 +32,13 @@ pub struct DemoArgs {
 }
 
 pub fn run(context: &Context, args: DemoArgs) -> Result<ExitCode> {
+    // Before any model code runs: the kernels look for the BLAS on their first product. Without
+    // it kedit is slower, not wrong, so a failed fetch is reported and the demo goes on.
+    if std::env::var_os("KEDIT_BLAS").is_none() {
+        if let Err(e) = cache_root().and_then(|root| OPENBLAS.ensure(&root)) {
+            eprintln!("kedit: no OpenBLAS ({e:#}); products use candle's own GEMM");
+        }
+    }
     let registry = context.registry()?;
     let model_args = ModelArgs {
         model: Some(args.model.clone()),
