@@ -45,11 +45,27 @@ type SgemmFn = unsafe extern "C" fn(
     c: *mut f32,
     ldc: c_int,
 );
+type DsyrkFn = unsafe extern "C" fn(
+    layout: c_int,
+    uplo: c_int,
+    trans: c_int,
+    n: c_int,
+    k: c_int,
+    alpha: f64,
+    a: *const f64,
+    lda: c_int,
+    beta: f64,
+    c: *mut f64,
+    ldc: c_int,
+);
 type SetThreadsFn = unsafe extern "C" fn(c_int);
+
+const UPPER: c_int = 121;
 
 /// A loaded CBLAS `sgemm`.
 pub struct Blas {
     sgemm: SgemmFn,
+    dsyrk: Option<DsyrkFn>,
     path: PathBuf,
     symbol: &'static str,
     // Keeps the code behind `sgemm` mapped; never unloaded.
@@ -154,6 +170,12 @@ impl Blas {
         }
         let (sgemm, symbol) =
             found.ok_or_else(|| "it has neither scipy_cblas_sgemm nor cblas_sgemm".to_string())?;
+        // SAFETY: the CBLAS `dsyrk` signature is fixed by the standard.
+        let dsyrk = ["scipy_cblas_dsyrk", "cblas_dsyrk"].iter().find_map(|s| {
+            unsafe { library.get::<DsyrkFn>(s.as_bytes()) }
+                .ok()
+                .map(|f| *f)
+        });
         for setter in [
             "scipy_openblas_set_num_threads",
             "openblas_set_num_threads",
@@ -168,6 +190,7 @@ impl Blas {
         }
         Ok(Self {
             sgemm,
+            dsyrk,
             path: path.to_path_buf(),
             symbol,
             _library: library,
@@ -242,6 +265,43 @@ impl Blas {
                 })
             })
         }
+    }
+
+    /// `c += xᵀ·x` in f64 for row-major `x: [n, d]` and `c: [d, d]` (both triangles), by `dsyrk`,
+    /// which computes one triangle: half a GEMM's work. `false` (nothing done) when the library
+    /// has no `dsyrk`.
+    ///
+    /// # Panics
+    /// When the slice lengths do not match the shapes.
+    pub fn accumulate_gram_f64(&self, x: &[f64], n: usize, d: usize, c: &mut [f64]) -> bool {
+        assert_eq!(x.len(), n * d, "blas gram: x is not [{n}, {d}]");
+        assert_eq!(c.len(), d * d, "blas gram: c is not [{d}, {d}]");
+        let Some(dsyrk) = self.dsyrk else {
+            return false;
+        };
+        // SAFETY: shapes checked above; dsyrk reads x and updates the upper triangle of c.
+        unsafe {
+            dsyrk(
+                ROW_MAJOR,
+                UPPER,
+                TRANS,
+                d as c_int,
+                n as c_int,
+                1.0,
+                x.as_ptr(),
+                d as c_int,
+                1.0,
+                c.as_mut_ptr(),
+                d as c_int,
+            )
+        };
+        // The lower triangle was left as it was: rebuild it from the upper one.
+        for i in 0..d {
+            for j in 0..i {
+                c[i * d + j] = c[j * d + i];
+            }
+        }
+        true
     }
 
     /// Runs `f(j0, j1)` over column ranges of an `[m, cols]` output, one per rayon thread when
@@ -359,6 +419,24 @@ mod tests {
                         "g·W [{m}, {n}]·[{n}, {k}] at ({i}, {p}): {got} vs {want}"
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn the_f64_gram_accumulates_both_triangles() {
+        let Some(blas) = blas_under_test() else {
+            return;
+        };
+        let (n, d) = (37, 19);
+        let x: Vec<f64> = random(n * d, 11).into_iter().map(f64::from).collect();
+        let mut c = vec![1.0; d * d];
+        assert!(blas.accumulate_gram_f64(&x, n, d, &mut c), "no dsyrk");
+        assert!(blas.accumulate_gram_f64(&x, n, d, &mut c));
+        for i in 0..d {
+            for j in 0..d {
+                let want = 1.0 + 2.0 * (0..n).map(|t| x[t * d + i] * x[t * d + j]).sum::<f64>();
+                assert!((c[i * d + j] - want).abs() < 1e-12, "({i}, {j})");
             }
         }
     }

@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor as CTensor};
+use candle_core::{Device, Tensor as CTensor};
 use kedit_plugin_api::{
     Batch, ForwardRequest, LogitsWanted, ModelClient, Padding, PluginError, ProgressMut,
 };
@@ -88,7 +88,10 @@ pub fn second_moments(
     let total: u64 = lengths.iter().map(|&l| l as u64).sum();
     let batches = length_batches(&lengths, batch_tokens.max(1));
     let dev = Device::Cpu;
-    let mut acc: Vec<Option<CTensor>> = vec![None; sites.len()];
+    // Σ kᵀk per site in f64: through the run-time BLAS's `dsyrk` when there is one (one triangle,
+    // AVX-512), else candle's f64 matmul.
+    let blas = kedit_kernels::blas::get();
+    let mut acc: Vec<Option<Vec<f64>>> = vec![None; sites.len()];
     let mut widths = vec![0usize; sites.len()];
     let mut count = 0u64;
     for batch in batches {
@@ -113,12 +116,17 @@ pub fn second_moments(
                 );
                 n += len;
             }
-            let m = CTensor::from_vec(a, (n, width), &dev).map_err(candle_err)?;
-            let mtm = m.t().map_err(candle_err)?.matmul(&m).map_err(candle_err)?;
-            acc[k] = Some(match acc[k].take() {
-                None => mtm,
-                Some(s) => (s + mtm).map_err(candle_err)?,
-            });
+            let sum = acc[k].get_or_insert_with(|| vec![0.0; width * width]);
+            if !blas.is_some_and(|b| b.accumulate_gram_f64(&a, n, width, sum)) {
+                let m = CTensor::from_vec(a, (n, width), &dev).map_err(candle_err)?;
+                let mtm = m.t().map_err(candle_err)?.matmul(&m).map_err(candle_err)?;
+                let mtm = mtm
+                    .flatten_all()
+                    .map_err(candle_err)?
+                    .to_vec1::<f64>()
+                    .map_err(candle_err)?;
+                sum.iter_mut().zip(mtm).for_each(|(s, v)| *s += v);
+            }
         }
         count += n as u64;
         let secs = t0.elapsed().as_secs_f64();
@@ -133,15 +141,9 @@ pub fn second_moments(
     }
     let mut out = Vec::new();
     for (k, a) in acc.into_iter().enumerate() {
-        let a = a.ok_or_else(|| PluginError::invalid("statistics corpus produced no tokens"))?;
-        let c = (a / count as f64)
-            .map_err(candle_err)?
-            .to_dtype(DType::F64)
-            .map_err(candle_err)?
-            .flatten_all()
-            .map_err(candle_err)?
-            .to_vec1::<f64>()
-            .map_err(candle_err)?;
+        let mut c =
+            a.ok_or_else(|| PluginError::invalid("statistics corpus produced no tokens"))?;
+        c.iter_mut().for_each(|v| *v /= count as f64);
         out.push(SecondMoment {
             d: widths[k],
             count,
