@@ -3,53 +3,19 @@
 //! SVG files and summary, a before/after comparison around an FT-L edit, and the logit lens.
 //! Needs `cargo build --release` (the llama and ft plugins beside the kedit binary).
 
+mod cli_support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use kedit_plugin_api::testing::{self, word_level_tokenizer, WordStyle};
-
+use cli_support::{assert_images, kedit, read_json};
 use serde_json::{json, Value};
 
 const WORDS: &str = "the eiffel tower is located in city of paris danielle darrieux mother tongue \
                      french rome berlin louvre";
 
 fn fixture_with_tokenizer(dir: &Path) -> PathBuf {
-    let src = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/fixtures/llama"
-    ));
-    let model = dir.join("llama");
-    let vocab = std::iter::once(("<unk>", 0)).chain(
-        WORDS
-            .split_whitespace()
-            .enumerate()
-            .map(|(i, w)| (w, 10 + i as u32)),
-    );
-    let tokenizer = word_level_tokenizer(vocab, "<unk>", WordStyle::Lowercase);
-    testing::fixture_with_tokenizer(&src, &model, &tokenizer);
-    model
-}
-
-fn kedit(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_kedit"))
-        .args(args)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "kedit {args:?} failed:\n{stderr}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn read_json(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_json::from_str(&text).unwrap()
-}
-
-fn assert_images(dir: &Path, stem: &str) {
-    let png = std::fs::read(dir.join(format!("{stem}.png"))).unwrap();
-    assert_eq!(&png[1..4], b"PNG");
-    let svg = std::fs::read_to_string(dir.join(format!("{stem}.svg"))).unwrap();
-    assert!(svg.contains("<svg"));
+    cli_support::llama_fixture_with_words(dir, WORDS)
 }
 
 /// One-word subjects, so that every subject swaps for every other with the same token length.

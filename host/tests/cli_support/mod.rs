@@ -1,0 +1,53 @@
+//! Helpers for the tests that run the `kedit` binary on the tiny llama fixture with a word-level
+//! tokenizer (trace, circuit, lens): the fixture copy, running the binary, and reading what it
+//! wrote. Each test binary uses a subset.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use kedit_plugin_api::testing::{self, word_level_tokenizer, WordStyle};
+use serde_json::Value;
+
+/// A copy of `shared/fixtures/llama` in `dir/llama` with a lowercase word-level tokenizer over
+/// `words` (whitespace-separated; ids from 10, `<unk>` 0).
+pub fn llama_fixture_with_words(dir: &Path, words: &str) -> PathBuf {
+    let src = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/fixtures/llama"
+    ));
+    let model = dir.join("llama");
+    let vocab = std::iter::once(("<unk>", 0)).chain(
+        words
+            .split_whitespace()
+            .enumerate()
+            .map(|(i, w)| (w, 10 + i as u32)),
+    );
+    let tokenizer = word_level_tokenizer(vocab, "<unk>", WordStyle::Lowercase);
+    testing::fixture_with_tokenizer(&src, &model, &tokenizer);
+    model
+}
+
+/// Runs `kedit args…`, fails the test with its stderr unless it succeeds, returns stdout.
+pub fn kedit(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_kedit"))
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "kedit {args:?} failed:\n{stderr}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `dir/stem.png` is a PNG and `dir/stem.svg` an SVG.
+pub fn assert_images(dir: &Path, stem: &str) {
+    let png = std::fs::read(dir.join(format!("{stem}.png"))).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    let svg = std::fs::read_to_string(dir.join(format!("{stem}.svg"))).unwrap();
+    assert!(svg.contains("<svg"));
+}
