@@ -73,6 +73,30 @@ fn kernel_nt(
 /// run-time BLAS on the CPU when there is one.
 struct InputGrad;
 
+impl InputGrad {
+    /// `(m, n, k)` for `g: [m, n]`, `W: [n, k]`.
+    fn dims(g: &Layout, w: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+        let (m, n) = g.shape().dims2()?;
+        let (n2, k) = w.shape().dims2()?;
+        if n != n2 {
+            candle_core::bail!("frozen matmul grad: [{m}, {n}] does not fit weight [{n2}, {k}]");
+        }
+        Ok((m, n, k))
+    }
+
+    /// The backend's own matmul.
+    fn backend<S: BackendStorage>(
+        g: &S,
+        g_layout: &Layout,
+        w: &S,
+        w_layout: &Layout,
+    ) -> candle_core::Result<(S, Shape)> {
+        let (m, n, k) = Self::dims(g_layout, w_layout)?;
+        let out = g.matmul(w, (1, m, k, n), g_layout, w_layout)?;
+        Ok((out, Shape::from((m, k))))
+    }
+}
+
 impl CustomOp2 for InputGrad {
     fn name(&self) -> &'static str {
         "frozen-matmul-input-grad"
@@ -85,17 +109,12 @@ impl CustomOp2 for InputGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, n) = l1.shape().dims2()?;
-        let (n2, k) = l2.shape().dims2()?;
-        if n != n2 {
-            candle_core::bail!("frozen matmul grad: [{m}, {n}] does not fit weight [{n2}, {k}]");
-        }
         if let (Some(b), Some(g), Some(w)) = (blas::get(), f32_slice(s1, l1), f32_slice(s2, l2)) {
+            let (m, n, k) = Self::dims(l1, l2)?;
             let y = b.matmul_nn(g, w, m, n, k);
             return Ok((CpuStorage::F32(y), Shape::from((m, k))));
         }
-        let out = s1.matmul(s2, (1, m, k, n), l1, l2)?;
-        Ok((out, Shape::from((m, k))))
+        Self::backend(s1, l1, s2, l2)
     }
 
     fn cuda_fwd(
@@ -105,10 +124,7 @@ impl CustomOp2 for InputGrad {
         s2: &CudaStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (m, n) = l1.shape().dims2()?;
-        let (_, k) = l2.shape().dims2()?;
-        let out = s1.matmul(s2, (1, m, k, n), l1, l2)?;
-        Ok((out, Shape::from((m, k))))
+        Self::backend(s1, l1, s2, l2)
     }
 }
 

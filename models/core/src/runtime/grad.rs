@@ -333,81 +333,72 @@ impl<A: Architecture> Runtime<A> {
             .collect::<Result<Vec<_>>>()?;
         let param_tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
 
-        let Some(handle) = req.prepared.into_option() else {
-            self.gradient_paths.full.fetch_add(1, Ordering::Relaxed);
-            let edits = parsed
-                .plan
-                .materialize(&param_tensors, &parsed.layout, &self.device)?;
-            let start = Start::Embeddings {
-                ids: parsed.ids,
-                noise: parsed.noise,
-            };
-            return self.run_gradient(
-                req,
-                &vars,
-                GradientPass {
-                    layout: parsed.layout,
-                    start,
-                    edits,
-                    captures: parsed.captures,
-                    taps,
-                    loss_plan,
-                    cache: None,
+        // Where the differentiable pass starts: the embeddings, a prepared prefix's state, or
+        // (when the loss and the edits allow) past the prefix's frozen leading tokens.
+        let (counter, layout, start, captures, cache) = match req.prepared.into_option() {
+            None => (
+                &self.gradient_paths.full,
+                parsed.layout,
+                Start::Embeddings {
+                    ids: parsed.ids,
+                    noise: parsed.noise,
                 },
-            );
+                parsed.captures,
+                None,
+            ),
+            Some(handle) => {
+                let start = self.prepared_start(handle, req, &taps, &parsed.captures)?;
+                let prepared = &self.prepared[&handle];
+                let cuts = self.frozen_prefix_cuts(
+                    req,
+                    &parsed.plan,
+                    &parsed.layout,
+                    &loss_plan.positions(parsed.layout.seq),
+                );
+                let frozen = match cuts {
+                    Some(cuts) => self.frozen_prefix(prepared, cuts)?,
+                    None => None,
+                };
+                match frozen {
+                    Some(frozen) => {
+                        parsed.plan.shift_left(&frozen.cuts);
+                        loss_plan.shift_left(&frozen.cuts, parsed.layout.seq, frozen.layout.seq);
+                        (
+                            &self.gradient_paths.frozen_prefix,
+                            frozen.layout.clone(),
+                            Start::Resid {
+                                layer: prepared.from_layer,
+                                h: frozen.resid.clone(),
+                            },
+                            Vec::new(),
+                            Some(frozen.cache.clone()),
+                        )
+                    }
+                    None => (
+                        &self.gradient_paths.prepared,
+                        parsed.layout,
+                        start,
+                        parsed.captures,
+                        None,
+                    ),
+                }
+            }
         };
-        let start = self.prepared_start(handle, req, &taps, &parsed.captures)?;
-        let prepared = &self.prepared[&handle];
-        let cuts = self.frozen_prefix_cuts(
-            req,
-            &parsed.plan,
-            &parsed.layout,
-            &loss_plan.positions(parsed.layout.seq),
-        );
-        if let Some(frozen) = match cuts {
-            Some(cuts) => self.frozen_prefix(prepared, cuts)?,
-            None => None,
-        } {
-            self.gradient_paths
-                .frozen_prefix
-                .fetch_add(1, Ordering::Relaxed);
-            parsed.plan.shift_left(&frozen.cuts);
-            loss_plan.shift_left(&frozen.cuts, parsed.layout.seq, frozen.layout.seq);
-            let edits = parsed
-                .plan
-                .materialize(&param_tensors, &frozen.layout, &self.device)?;
-            return self.run_gradient(
-                req,
-                &vars,
-                GradientPass {
-                    layout: frozen.layout.clone(),
-                    start: Start::Resid {
-                        layer: prepared.from_layer,
-                        h: frozen.resid.clone(),
-                    },
-                    edits,
-                    captures: Vec::new(),
-                    taps,
-                    loss_plan,
-                    cache: Some(frozen.cache.clone()),
-                },
-            );
-        }
-        self.gradient_paths.prepared.fetch_add(1, Ordering::Relaxed);
+        counter.fetch_add(1, Ordering::Relaxed);
         let edits = parsed
             .plan
-            .materialize(&param_tensors, &parsed.layout, &self.device)?;
+            .materialize(&param_tensors, &layout, &self.device)?;
         self.run_gradient(
             req,
             &vars,
             GradientPass {
-                layout: parsed.layout,
+                layout,
                 start,
                 edits,
-                captures: parsed.captures,
+                captures,
                 taps,
                 loss_plan,
-                cache: None,
+                cache,
             },
         )
     }
