@@ -50,6 +50,18 @@ pub enum Status {
     Skipped,
 }
 
+impl Status {
+    /// The name records use (`applied`, `failed`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Applied => "applied",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+            Status::Skipped => "skipped",
+        }
+    }
+}
+
 /// A greedy continuation shown to the user.
 #[derive(Clone, Debug, Serialize)]
 pub struct Prediction {

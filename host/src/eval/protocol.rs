@@ -15,6 +15,8 @@ use std::io;
 use std::time::Instant;
 
 use anyhow::Result;
+use std::io::IsTerminal;
+
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kedit_plugin_api::EditRequest;
 use serde::{Deserialize, Serialize};
@@ -89,6 +91,14 @@ pub struct EditContext<'a> {
     pub method: String,
     pub hparams_json: String,
     pub cancel: CancelFlag,
+}
+
+/// A progress line for logs: indicatif draws nothing when stderr is not a terminal (a run under
+/// `nohup` or in CI), and a long evaluation should still say how far it is.
+pub(crate) fn log_progress(show: bool, line: impl FnOnce() -> String) {
+    if show && !std::io::stderr().is_terminal() {
+        eprintln!("{}", line());
+    }
 }
 
 pub(crate) fn bar(len: u64, show: bool) -> ProgressBar {
@@ -221,9 +231,27 @@ pub fn run(
             model.journal_rollback(mark)?;
         }
         bar.inc(1);
+        log_progress(show_progress, || {
+            format!(
+                "[{}/{}] {} request {}: {} in {:.1} s ({:.0} s so far)",
+                g + 1,
+                groups.len(),
+                options.protocol.name(),
+                requests[group[0]].id,
+                status.name(),
+                edit_seconds,
+                started.elapsed().as_secs_f64()
+            )
+        });
     }
     if sequential && !run.model_broken {
         bar.set_message("evaluating on the final model");
+        log_progress(show_progress, || {
+            format!(
+                "evaluating the {} requests on the final model",
+                run.results.len()
+            )
+        });
         for result in run.results.iter_mut() {
             let i = result.index;
             let t = Instant::now();
