@@ -16,6 +16,18 @@ pub enum Objective {
     All,
 }
 
+/// Which score of an edit's last iteration sets the routing threshold `ε` (`act_ratio · ε`).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ThresholdFrom {
+    /// EasyEdit's `save_editing_activation`: the mean over the templated training rows, every
+    /// position included (left pads and generated prefixes).
+    TrainingRows,
+    /// The real tokens of the `{}` row, i.e. the edit's own `prompt target` text: the input the
+    /// router scores at inference, without pads or template prefixes (docs/wise.md, "Threshold").
+    EditInput,
+}
+
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WiseHparams {
@@ -37,6 +49,9 @@ pub struct WiseHparams {
     /// `[α, β, γ]`: irrelevant inputs below α, edits above β, with margin γ.
     pub act_margin: [f64; 3],
     pub act_ratio: f64,
+    /// What `ε` is the minimum of (default `training_rows`, EasyEdit's).
+    #[serde(default = "training_rows")]
+    pub threshold_from: ThresholdFrom,
     pub save_freq: u64,
     pub merge_freq: u64,
     pub merge_alg: MergeAlg,
@@ -53,6 +68,10 @@ pub struct WiseHparams {
     pub context_templates: Option<Vec<String>>,
     /// Seed of the shard masks and of DARE's random drops.
     pub seed: u64,
+}
+
+fn training_rows() -> ThresholdFrom {
+    ThresholdFrom::TrainingRows
 }
 
 fn float_or_false<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
@@ -115,6 +134,13 @@ impl WiseHparams {
             if let Some(bad_t) = t.iter().find(|t| !t.contains("{}")) {
                 return bad(format!("context template '{bad_t}' has no {{}}"));
             }
+            if hp.threshold_from == ThresholdFrom::EditInput && !t.iter().any(|t| t == "{}") {
+                return bad(
+                    "`threshold_from = \"edit_input\"` scores the bare `{}` row, and \
+                     `context_templates` has none"
+                        .into(),
+                );
+            }
         }
         Ok(hp)
     }
@@ -136,6 +162,7 @@ pub const DEFAULT_HPARAMS: &str = r#"{
   "norm_constraint": 1.0,
   "act_margin": [5.0, 20.0, 10.0],
   "act_ratio": 0.88,
+  "threshold_from": "training_rows",
   "save_freq": 500,
   "merge_freq": 1000,
   "merge_alg": "ties",

@@ -14,7 +14,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
-use crate::hparams::{Objective, WiseHparams};
+use crate::hparams::{Objective, ThresholdFrom, WiseHparams};
 use crate::merge::merge;
 use crate::module::{LogEntry, MeanAct, Memory, Snapshot, TrainCell};
 use crate::score::{self, gt_x, matrix};
@@ -30,6 +30,8 @@ pub struct EditBatch {
     pub terms: Vec<NllTerm>,
     /// Rows holding the edit (all but the last, the loc row).
     pub edit_rows: usize,
+    /// The row of the bare `{}` template (the edit's own `prompt target`), if there is one.
+    pub bare_row: Option<usize>,
     /// EasyEdit's `labels`, `[rows, padded_len]`, −100 where unlabelled.
     pub labels: Vec<Vec<i64>>,
 }
@@ -168,6 +170,7 @@ pub fn build_batch(
         batch,
         terms,
         edit_rows,
+        bare_row: templates.iter().position(|t| t == "{}"),
         labels,
     })
 }
@@ -396,7 +399,18 @@ pub fn train_one(
         }
         let stop = meter.stop();
         let saved = if stop || i == hp.n_iter - 1 {
-            let v = score::mean(ins) as f64;
+            let v = match (hp.threshold_from, eb.bare_row) {
+                (ThresholdFrom::TrainingRows, _) => score::mean(ins) as f64,
+                (ThresholdFrom::EditInput, Some(r)) => {
+                    let real = &dists[r * seq + eb.batch.offset(r)..(r + 1) * seq];
+                    score::mean(real) as f64
+                }
+                (ThresholdFrom::EditInput, None) => {
+                    return Err(PluginError::invalid(
+                        "wise: `threshold_from = \"edit_input\"` needs the `{}` template",
+                    ))
+                }
+            };
             state.side_act.update(v);
             Some(v)
         } else {

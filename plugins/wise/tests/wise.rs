@@ -574,3 +574,69 @@ fn merge_algorithms_on_small_known_tensors() {
         assert!((g - w).abs() < 1e-6, "dare_ties {dare:?} vs {want:?}");
     }
 }
+
+/// With `threshold_from = "edit_input"`, `ε` is the score the router gives the edit's own
+/// `prompt target` at inference: an edit stopped one iteration earlier (so its final side memory
+/// is the one the last iteration scored with) gives that input exactly the recorded `ε`.
+#[test]
+fn edit_input_threshold_is_the_routers_score_of_the_edit_itself() {
+    let score_of_edit = |n_iter: usize| -> (f64, f64) {
+        let dir = tiny_dir();
+        let mut model = open(dir.path());
+        let mut client = ModelClient::new(model.sabi_reborrow_mut());
+        let mut editor = WiseEditor::default();
+        let hp = hparams(serde_json::json!({"n_iter": n_iter, "threshold_from": "edit_input"}));
+        edit(
+            &mut editor,
+            &mut client,
+            &[request("a", EDITED, "w205", UNRELATED)],
+            &hp,
+        )
+        .unwrap();
+        let eps = editor.current().unwrap().side_act.min;
+        last_logits(&client, &ids(&client, &format!("{EDITED} w205")));
+        let d = &decisions(&client)[0];
+        (eps, d["scores"][0][1].as_f64().unwrap())
+    };
+    let (eps, _) = score_of_edit(8);
+    let (_, routed) = score_of_edit(7);
+    assert!(eps > 0.0 && eps < 1e8, "ε {eps}");
+    assert!(
+        (eps - routed).abs() <= 1e-4 * eps.abs().max(1.0),
+        "recorded ε {eps}, the router's score of the edit input {routed}"
+    );
+    // EasyEdit's statistic (pads and the template prefix included) is a different number.
+    let dir = tiny_dir();
+    let mut model = open(dir.path());
+    let mut client = ModelClient::new(model.sabi_reborrow_mut());
+    let mut editor = WiseEditor::default();
+    edit(
+        &mut editor,
+        &mut client,
+        &[request("a", EDITED, "w205", UNRELATED)],
+        &hparams(serde_json::json!({"n_iter": 8})),
+    )
+    .unwrap();
+    let eps_rows = editor.current().unwrap().side_act.min;
+    assert!((eps_rows - eps).abs() > 1e-3 * eps, "{eps_rows} vs {eps}");
+}
+
+#[test]
+fn edit_input_threshold_needs_the_bare_template() {
+    let dir = tiny_dir();
+    let mut model = open(dir.path());
+    let mut client = ModelClient::new(model.sabi_reborrow_mut());
+    let mut editor = WiseEditor::default();
+    let hp = hparams(serde_json::json!({
+        "threshold_from": "edit_input",
+        "context_templates": ["w50 w51 {}"],
+    }));
+    let e = edit(
+        &mut editor,
+        &mut client,
+        &[request("a", EDITED, "w205", UNRELATED)],
+        &hp,
+    )
+    .unwrap_err();
+    assert!(e.message.contains("edit_input"), "{e}");
+}
