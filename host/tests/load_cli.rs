@@ -124,4 +124,32 @@ fn a_saved_wise_edit_answers_the_same_in_a_new_process() {
     assert_eq!(ids_line(&unedited), ids_line(&original), "{unedited}");
     // A second process gives the same answers again.
     assert_eq!(ids_line(&generate(saved, "w100 w101 w102")), "ids: 377");
+
+    // `kedit bench --load` times the installed router against the same weights without it.
+    let report = tmp.path().join("bench.json");
+    let ft_hp = tmp.path().join("ft.toml");
+    std::fs::write(&ft_hp, "layers = [1]\n").unwrap();
+    kedit(&[
+        "bench",
+        "--load",
+        saved,
+        "--hparams",
+        ft_hp.to_str().unwrap(),
+        "--repeats",
+        "1",
+        "--out",
+        report.to_str().unwrap(),
+    ]);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let modules = &report["installed_modules"];
+    assert_eq!(modules["modules"], 1, "{modules}");
+    for f in modules["forward"].as_array().unwrap() {
+        assert!(f["with_modules_ms"].as_f64().unwrap() > 0.0, "{f}");
+        assert!(f["without_modules_ms"].as_f64().unwrap() > 0.0, "{f}");
+    }
+    assert!(
+        modules["generation_32_tokens"]["overhead"].is_f64(),
+        "{modules}"
+    );
 }

@@ -69,6 +69,72 @@ fn forward_ms(model: &ModelHandle, n: usize, repeats: usize) -> Result<Value> {
     )
 }
 
+/// Median seconds of `f(a)` and `f(b)`, run alternately so that both see the same machine state.
+fn paired_medians(
+    a: &ModelHandle,
+    b: &ModelHandle,
+    mut f: impl FnMut(&ModelHandle) -> Result<()>,
+    repeats: usize,
+) -> Result<(f64, f64)> {
+    f(a)?;
+    f(b)?;
+    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+    for _ in 0..repeats.max(1) {
+        for (m, times) in [(a, &mut ta), (b, &mut tb)] {
+            let t = Instant::now();
+            f(m)?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    Ok((
+        metrics::median(&ta).unwrap_or(0.0),
+        metrics::median(&tb).unwrap_or(0.0),
+    ))
+}
+
+/// With `--load DIR`: latency with the editor's installed modules (WISE's router and side
+/// memory) against the same saved weights without them, measured alternately in this run.
+fn module_overhead(loaded: &mut ModelHandle, base: &ModelHandle, repeats: usize) -> Result<Value> {
+    let modules = loaded
+        .as_abi_mut()
+        .explain_modules()
+        .into_result()
+        .map_err(|e| anyhow::anyhow!("cannot list the installed modules: {e}"))?
+        .len();
+    let loaded = &*loaded;
+    let mut forward = Vec::new();
+    for n in [5usize, 64] {
+        let ids = ids_of_length(base, n)?;
+        let request =
+            ForwardRequest::new(Batch::new(vec![ids], Padding::Right), LogitsWanted::Last);
+        let (with, without) =
+            paired_medians(loaded, base, |m| m.forward(&request).map(drop), repeats)?;
+        forward.push(json!({
+            "tokens": n,
+            "with_modules_ms": with * 1e3,
+            "without_modules_ms": without * 1e3,
+            "overhead": with / without.max(1e-12) - 1.0,
+        }));
+    }
+    let prompt = base.tokenize("The Eiffel Tower is located in", true)?;
+    let generate = GenerateRequest::greedy(vec![prompt], 32);
+    let (with, without) = paired_medians(
+        loaded,
+        base,
+        |m| m.generate(&generate).map(drop),
+        repeats.min(5),
+    )?;
+    Ok(json!({
+        "modules": modules,
+        "forward": forward,
+        "generation_32_tokens": {
+            "with_modules_seconds": with,
+            "without_modules_seconds": without,
+            "overhead": with / without.max(1e-12) - 1.0,
+        },
+    }))
+}
+
 fn requests() -> Vec<EditRequest> {
     let mut a = EditRequest::fact(
         "The Eiffel Tower is located in the city of",
@@ -196,6 +262,15 @@ pub fn run(context: &Context, args: BenchArgs) -> Result<ExitCode> {
         "tokens_per_second": generated as f64 / gen_median.max(1e-9),
     });
 
+    let modules = match &model_args.load {
+        Some(dir) => {
+            eprintln!("bench: installed modules against the same weights without them");
+            let base = context.open_saved_weights(&registry, &model_args, dir)?;
+            Some(module_overhead(&mut model, &base, repeats.max(20))?)
+        }
+        None => None,
+    };
+
     eprintln!("bench: evaluation throughput");
     let reqs = requests();
     let settings = ScoreSettings {
@@ -276,6 +351,7 @@ pub fn run(context: &Context, args: BenchArgs) -> Result<ExitCode> {
         "generation": generation,
         "evaluation": evaluation,
         "edit": edits,
+        "installed_modules": modules,
         "peak_rss_mib": peak_rss_mib(),
     });
     let text = serde_json::to_string_pretty(&report)?;

@@ -150,6 +150,28 @@ impl Context {
     /// names, then the editor's saved state loaded onto it by a fresh editor of the logged
     /// method (for WISE, its side memories and router come back).
     fn open_saved(&self, registry: &Registry, args: &ModelArgs, dir: &Path) -> Result<ModelHandle> {
+        self.open_saved_with(registry, args, dir, true)
+    }
+
+    /// DIR/model of a `kedit edit --save DIR` result without the editor's state: the same
+    /// weights with no side memories or routers installed (what `kedit bench --load` compares
+    /// against).
+    pub fn open_saved_weights(
+        &self,
+        registry: &Registry,
+        args: &ModelArgs,
+        dir: &Path,
+    ) -> Result<ModelHandle> {
+        self.open_saved_with(registry, args, dir, false)
+    }
+
+    fn open_saved_with(
+        &self,
+        registry: &Registry,
+        args: &ModelArgs,
+        dir: &Path,
+        with_state: bool,
+    ) -> Result<ModelHandle> {
         let log_path = dir.join("edit_log.json");
         let log: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&log_path).with_context(|| {
@@ -179,6 +201,9 @@ impl Context {
         };
         let mut model = ModelHandle::open(registry, &spec)
             .with_context(|| format!("--load {}: opening the saved model", dir.display()))?;
+        if !with_state {
+            return Ok(model);
+        }
         let state_path = dir.join("editor_state.bin");
         let state = std::fs::read(&state_path).with_context(|| {
             format!(
