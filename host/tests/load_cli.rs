@@ -4,34 +4,19 @@
 //! `--explain` shows which memory answered. Needs `cargo build --release` (the llama and wise
 //! plugins beside the kedit binary).
 
+mod cli_support;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use kedit_plugin_api::testing::{self, numbered_words, word_level_tokenizer, WordStyle};
-
+use cli_support::kedit;
+use kedit_plugin_api::testing::{numbered_words, word_level_tokenizer, WordStyle};
 use serde_json::json;
 
 const VOCAB: usize = 512;
 
 fn fixture_with_tokenizer(dir: &Path) -> PathBuf {
-    let src = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/fixtures/llama"
-    ));
-    let model = dir.join("llama");
     let tokenizer = word_level_tokenizer(numbered_words(VOCAB), "w0", WordStyle::Spaces);
-    testing::fixture_with_tokenizer(&src, &model, &tokenizer);
-    model
-}
-
-fn kedit(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_kedit"))
-        .args(args)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "kedit {args:?} failed:\n{stderr}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    cli_support::llama_fixture(dir, &tokenizer)
 }
 
 fn ids_line(output: &str) -> String {

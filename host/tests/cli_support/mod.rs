@@ -12,19 +12,26 @@ use serde_json::Value;
 /// A copy of `shared/fixtures/llama` in `dir/llama` with a lowercase word-level tokenizer over
 /// `words` (whitespace-separated; ids from 10, `<unk>` 0).
 pub fn llama_fixture_with_words(dir: &Path, words: &str) -> PathBuf {
-    let src = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/fixtures/llama"
-    ));
-    let model = dir.join("llama");
     let vocab = std::iter::once(("<unk>", 0)).chain(
         words
             .split_whitespace()
             .enumerate()
             .map(|(i, w)| (w, 10 + i as u32)),
     );
-    let tokenizer = word_level_tokenizer(vocab, "<unk>", WordStyle::Lowercase);
-    testing::fixture_with_tokenizer(&src, &model, &tokenizer);
+    llama_fixture(
+        dir,
+        &word_level_tokenizer(vocab, "<unk>", WordStyle::Lowercase),
+    )
+}
+
+/// A copy of `shared/fixtures/llama` in `dir/llama` with `tokenizer` as its tokenizer.json.
+pub fn llama_fixture(dir: &Path, tokenizer_json: &str) -> PathBuf {
+    let src = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/fixtures/llama"
+    ));
+    let model = dir.join("llama");
+    testing::fixture_with_tokenizer(&src, &model, tokenizer_json);
     model
 }
 
