@@ -640,3 +640,65 @@ fn edit_input_threshold_needs_the_bare_template() {
     .unwrap_err();
     assert!(e.message.contains("edit_input"), "{e}");
 }
+
+/// Sequential edits into one side memory, under either threshold statistic: after all of them
+/// every edited prompt still reaches the side memory and gives its target, and unrelated prompts
+/// still get the original memory unchanged. (On this tiny model both statistics work; the
+/// difference shows on SmolLM2, docs/wise.md.)
+#[test]
+fn sequential_edits_all_stay_routed() {
+    for threshold_from in ["training_rows", "edit_input"] {
+        sequential_edits_stay_routed(threshold_from);
+    }
+}
+
+fn sequential_edits_stay_routed(threshold_from: &str) {
+    let dir = tiny_dir();
+    let mut model = open(dir.path());
+    let mut client = ModelClient::new(model.sabi_reborrow_mut());
+    let facts = [
+        ("w101 w102 w103 w104 w105", "w205"),
+        ("w111 w112 w113 w114", "w215"),
+        ("w121 w122 w123 w124 w125 w126", "w225"),
+        ("w131 w132 w133", "w235"),
+    ];
+    let unrelated = ["w300 w301 w302 w303", "w7 w8 w9 w10", "w450 w460 w470 w480"];
+    let before: Vec<Vec<f32>> = unrelated
+        .iter()
+        .map(|t| last_logits(&client, &ids(&client, t)))
+        .collect();
+    let mut editor = WiseEditor::default();
+    let hp = hparams(serde_json::json!({ "threshold_from": threshold_from }));
+    for (i, (prompt, target)) in facts.iter().enumerate() {
+        edit(
+            &mut editor,
+            &mut client,
+            &[request(&format!("e{i}"), prompt, target, UNRELATED)],
+            &hp,
+        )
+        .unwrap();
+    }
+    assert_eq!(
+        editor.current().unwrap().editing_total_cnt,
+        facts.len() as u64
+    );
+    for (prompt, target) in facts {
+        let logits = last_logits(&client, &ids(&client, prompt));
+        let d = &decisions(&client)[0];
+        assert_eq!(d["answer"], "side", "{threshold_from}, {prompt}: {d}");
+        assert_eq!(
+            argmax(&logits),
+            ids(&client, target)[0] as usize,
+            "{threshold_from}, {prompt}: the edit was lost"
+        );
+    }
+    for (t, b) in unrelated.iter().zip(&before) {
+        let after = last_logits(&client, &ids(&client, t));
+        let d = &decisions(&client)[0];
+        assert_eq!(d["answer"], "original", "{threshold_from}, {t}: {d}");
+        assert_eq!(
+            &after, b,
+            "{threshold_from}, {t}: an unrelated prompt changed"
+        );
+    }
+}
