@@ -11,12 +11,10 @@
 //! A request whose edit failed (and was rolled back by the session) is still evaluated on the
 //! model as it is: a failed edit counts as an edit that changed nothing.
 
-use std::io;
+use std::io::{self, IsTerminal};
 use std::time::Instant;
 
 use anyhow::Result;
-use std::io::IsTerminal;
-
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kedit_plugin_api::EditRequest;
 use serde::{Deserialize, Serialize};
@@ -96,7 +94,7 @@ pub struct EditContext<'a> {
 /// A progress line for logs: indicatif draws nothing when stderr is not a terminal (a run under
 /// `nohup` or in CI), and a long evaluation should still say how far it is.
 pub(crate) fn log_progress(show: bool, line: impl FnOnce() -> String) {
-    if show && !std::io::stderr().is_terminal() {
+    if show && !io::stderr().is_terminal() {
         eprintln!("{}", line());
     }
 }

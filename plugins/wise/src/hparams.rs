@@ -24,7 +24,7 @@ pub enum ThresholdFrom {
     /// position included (left pads and generated prefixes).
     TrainingRows,
     /// The real tokens of the `{}` row, i.e. the edit's own `prompt target` text: the input the
-    /// router scores at inference, without pads or template prefixes (docs/wise.md, "Threshold").
+    /// router scores at inference, without pads or template prefixes (docs/wise.md, "The routing threshold").
     EditInput,
 }
 
