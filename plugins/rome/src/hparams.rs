@@ -40,9 +40,15 @@ pub struct RomeHparams {
     /// Longest document in tokens for the statistics (0 = the model's `max_positions`).
     #[serde(default)]
     pub stats_max_len: usize,
-    /// MEMIT's λ in `λ·C + K Kᵀ` (EasyEdit `mom2_update_weight`).
-    #[serde(default = "default_update_weight")]
-    pub mom2_update_weight: f64,
+    /// MEMIT's λ in `λ·C + K Kᵀ` (EasyEdit `mom2_update_weight`), used as given. `null` (the
+    /// default): derived from `mom2_update_weight_reference` and the edited MLP's width.
+    #[serde(default)]
+    pub mom2_update_weight: Option<f64>,
+    /// `[λ_ref, d_ref]`: the λ EasyEdit set for a model whose MLP width (the rewritten weight's
+    /// input size) is `d_ref`. A key's share of its residual depends on `kᵀ(λC)⁻¹k`, whose mean
+    /// is `d/λ`, so the same balance on width `d` needs `λ = λ_ref · d / d_ref` (docs/rome.md).
+    #[serde(default = "default_update_weight_reference")]
+    pub mom2_update_weight_reference: (f64, usize),
     /// AlphaEdit: eigenvalues of C below this span the null space the update is projected into.
     #[serde(default = "default_nullspace_threshold")]
     pub nullspace_threshold: f64,
@@ -78,8 +84,9 @@ fn default_true() -> bool {
 fn default_stats_batch_tokens() -> usize {
     4096
 }
-fn default_update_weight() -> f64 {
-    15000.0
+/// EasyEdit's `MEMIT/llama-7b.yaml`: λ = 15000 on LLaMA-7B's MLP width 11008.
+fn default_update_weight_reference() -> (f64, usize) {
+    (15000.0, 11008)
 }
 fn default_nullspace_threshold() -> f64 {
     2e-2
@@ -154,12 +161,33 @@ impl RomeHparams {
                 ));
             }
         }
+        if let Some(l) = hp.mom2_update_weight {
+            if !(l.is_finite() && l > 0.0) {
+                return Err(PluginError::invalid(
+                    "rome hparams: `mom2_update_weight` must be a positive number (or null to derive it)",
+                ));
+            }
+        }
+        let (l_ref, d_ref) = hp.mom2_update_weight_reference;
+        if !(l_ref.is_finite() && l_ref > 0.0 && d_ref > 0) {
+            return Err(PluginError::invalid(
+                "rome hparams: `mom2_update_weight_reference` must be [positive λ, positive width]",
+            ));
+        }
         if hp.mom2_adjustment && hp.mom2_dataset.is_empty() {
             return Err(PluginError::invalid(
                 "rome hparams: `mom2_adjustment` needs `mom2_dataset` (a text file or directory)",
             ));
         }
         Ok(hp)
+    }
+
+    /// MEMIT's λ for a rewritten weight with `d_in` inputs (the MLP width).
+    pub fn update_weight(&self, d_in: usize) -> f64 {
+        self.mom2_update_weight.unwrap_or_else(|| {
+            let (l_ref, d_ref) = self.mom2_update_weight_reference;
+            l_ref * d_in as f64 / d_ref as f64
+        })
     }
 }
 
@@ -199,7 +227,8 @@ pub const MEMIT_DEFAULT_HPARAMS: &str = r#"{
   "kl_factor": 0.0625,
   "v_loss_layer": null,
   "mom2_adjustment": true,
-  "mom2_update_weight": 15000.0,
+  "mom2_update_weight": null,
+  "mom2_update_weight_reference": [15000.0, 11008],
   "mom2_dataset": "../shared/data/corpus",
   "mom2_n_samples": 100000,
   "stats_cache": true,
@@ -244,7 +273,7 @@ pub const ALPHAEDIT_FAMILY_DEFAULTS: &[(&str, &str)] = &[
 pub const MEMIT_FAMILY_DEFAULTS: &[(&str, &str)] = &[
     (
         "gpt2",
-        r#"{"layers": [13, 14, 15, 16, 17], "v_num_grad_steps": 20, "v_weight_decay": 0.5, "clamp_norm_factor": 0.75, "mom2_update_weight": 20000.0, "v_loss_layer": 47}"#,
+        r#"{"layers": [13, 14, 15, 16, 17], "v_num_grad_steps": 20, "v_weight_decay": 0.5, "clamp_norm_factor": 0.75, "mom2_update_weight_reference": [20000.0, 6400], "v_loss_layer": 47}"#,
     ),
     ("llama", r#"{"layers": [4, 5, 6, 7, 8]}"#),
     ("qwen", r#"{"layers": [4, 5, 6, 7, 8]}"#),
@@ -312,6 +341,39 @@ mod tests {
                 merged[k] = v.clone();
             }
             RomeHparams::from_json(&merged.to_string()).unwrap();
+        }
+    }
+
+    #[test]
+    fn memit_lambda_scales_with_the_mlp_width_unless_given() {
+        let hp = RomeHparams::from_json(MEMIT_DEFAULT_HPARAMS).unwrap();
+        assert_eq!(hp.mom2_update_weight, None);
+        // LLaMA-7B's own width gives back EasyEdit's λ; SmolLM2's 1536 gives 2093.
+        assert_eq!(hp.update_weight(11008), 15000.0);
+        assert!((hp.update_weight(1536) - 2093.02).abs() < 0.01);
+        let mut v: serde_json::Value = serde_json::from_str(MEMIT_DEFAULT_HPARAMS).unwrap();
+        let gpt2: serde_json::Value = serde_json::from_str(MEMIT_FAMILY_DEFAULTS[0].1).unwrap();
+        v["mom2_update_weight_reference"] = gpt2["mom2_update_weight_reference"].clone();
+        let g = RomeHparams::from_json(&v.to_string()).unwrap();
+        assert_eq!(g.update_weight(6400), 20000.0, "gpt2-xl's own width");
+        assert_eq!(g.update_weight(3072), 9600.0, "GPT-2 small");
+        v["mom2_update_weight"] = 15000.0.into();
+        let given = RomeHparams::from_json(&v.to_string()).unwrap();
+        assert_eq!(
+            given.update_weight(1536),
+            15000.0,
+            "a given λ is used as given"
+        );
+        for bad in [
+            serde_json::json!({"mom2_update_weight": 0.0}),
+            serde_json::json!({"mom2_update_weight_reference": [15000.0, 0]}),
+            serde_json::json!({"mom2_update_weight_reference": [-1.0, 11008]}),
+        ] {
+            let mut b: serde_json::Value = serde_json::from_str(MEMIT_DEFAULT_HPARAMS).unwrap();
+            for (k, x) in bad.as_object().unwrap() {
+                b[k] = x.clone();
+            }
+            assert!(RomeHparams::from_json(&b.to_string()).is_err(), "{bad}");
         }
     }
 

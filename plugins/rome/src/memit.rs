@@ -34,6 +34,9 @@ pub struct MemitLayerTrace {
     /// ‖Z − H_L‖ (Frobenius over requests) before this layer's update.
     pub residual_norm: f64,
     pub delta_w_fro_norm: f64,
+    /// MEMIT: the λ of `λC + K Kᵀ` used at this layer (see `RomeHparams::update_weight`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub update_weight: Option<f64>,
     /// AlphaEdit: the rank of the null-space projector (of `d_in`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub null_space_dim: Option<usize>,
@@ -117,15 +120,13 @@ fn memit_adjusted_keys(
     d_in: usize,
     cov: &dyn Fn(usize) -> Option<std::sync::Arc<Vec<f64>>>,
 ) -> Result<Vec<Vec<f64>>, PluginError> {
+    let lambda = hp.update_weight(d_in);
     let mut a = match cov(layer) {
-        Some(c) => c
-            .iter()
-            .map(|v| v * hp.mom2_update_weight)
-            .collect::<Vec<f64>>(),
+        Some(c) => c.iter().map(|v| v * lambda).collect::<Vec<f64>>(),
         None => {
             let mut id = vec![0f64; d_in * d_in];
             for i in 0..d_in {
-                id[i * d_in + i] = hp.mom2_update_weight;
+                id[i * d_in + i] = lambda;
             }
             id
         }
@@ -259,6 +260,7 @@ pub fn run(
             .map(|v| v * v * spread * spread)
             .sum::<f64>()
             .sqrt();
+        let update_weight = matches!(update, Update::Memit(_)).then(|| hp.update_weight(d_in));
         let (adj, null_space_dim, cached_edits) = match update {
             Update::Memit(cov) => (memit_adjusted_keys(hp, layer, &ks, d_in, cov)?, None, None),
             Update::AlphaEdit {
@@ -302,6 +304,7 @@ pub fn run(
             site,
             residual_norm,
             delta_w_fro_norm: sq.sqrt(),
+            update_weight,
             null_space_dim,
             cached_edits,
         });

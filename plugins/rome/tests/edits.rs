@@ -104,6 +104,10 @@ fn memit_edits_two_facts_at_once_and_undoes_exactly() {
     eprintln!("{}", serde_json::to_string(&trace).unwrap());
     eprintln!("{}", serde_json::to_string(&stats).unwrap());
     assert_eq!(trace.layers.len(), 5);
+    assert!(
+        trace.layers.iter().all(|l| l.update_weight == Some(100.0)),
+        "a given λ is used as given"
+    );
     for (r, &t) in requests.iter().zip(&targets) {
         assert_eq!(argmax_after(&client, &r.prompt), t, "{}", r.prompt);
     }
