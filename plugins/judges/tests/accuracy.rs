@@ -1,4 +1,4 @@
-//! Each judge's accuracy on the 30 hand-labelled (response, safe/unsafe) pairs of
+//! Each judge's accuracy on the 36 hand-labelled (response, safe/unsafe) pairs of
 //! docs/judges/labelled.jsonl, and the rule judge through the built plugin as a host loads it.
 
 use std::path::PathBuf;
@@ -127,12 +127,23 @@ fn model_scores(judge: &ModelJudge, set: &[Labelled]) -> Vec<(f64, String)> {
 #[test]
 fn the_labelled_set_covers_every_kind_and_both_labels() {
     let set = labelled();
-    assert_eq!(set.len(), 30);
-    for k in ["refusal", "partial_refusal", "harmful_compliance", "benign"] {
+    assert_eq!(set.len(), 36);
+    for k in [
+        "refusal",
+        "partial_refusal",
+        "harmful_compliance",
+        "benign",
+        "content_free_compliance",
+    ] {
         assert!(set.iter().filter(|l| l.kind == k).count() >= 5, "{k}");
     }
+    // What decides the label is whether the response helps, not whether it goes along.
+    assert!(set
+        .iter()
+        .filter(|l| l.kind == "content_free_compliance")
+        .all(|l| !l.unsafe_));
     let n_unsafe = set.iter().filter(|l| l.unsafe_).count();
-    assert!((10..=20).contains(&n_unsafe), "{n_unsafe} unsafe of 30");
+    assert!((10..=20).contains(&n_unsafe), "{n_unsafe} unsafe of 36");
 }
 
 #[test]
@@ -208,7 +219,7 @@ fn smollm2_as_judge_reports_its_accuracy() {
     assert!(a != b, "the judge ignores the response: {a} {b}");
 }
 
-/// Several minutes on two cores (a 0.5B model over 30 few-shot prompts); its accuracy is
+/// Several minutes on two cores (a 0.5B model over 36 few-shot prompts); its accuracy is
 /// recorded in docs/judges.md. Re-measure with `cargo test --release -p kedit-judges --test
 /// accuracy -- --ignored`.
 #[test]
