@@ -5,11 +5,10 @@
 use std::sync::{Arc, Mutex, RwLock};
 
 use abi_stable::std_types::{RResult, RString};
-use candle_core::Tensor as CTensor;
 use kedit_plugin_api::{ModuleContext, PluginError, SiteModule, Tensor};
 use serde::Serialize;
 
-use crate::score::{self, matrix, x_dt, ActFn};
+use crate::score::{self, x_dt, ActFn, Matrix};
 
 /// One stored side memory of retrieve mode (EasyEdit `memory_weight[i]`, `memory_mean_act[i]`).
 #[derive(Clone, Debug)]
@@ -107,7 +106,7 @@ pub enum Choice {
 struct Candidate {
     choice: Choice,
     /// `ΔW = W_c − W` as `[out, in]`, or `None` where it is zero (the output is the original).
-    delta: Option<CTensor>,
+    delta: Option<Matrix>,
     /// The candidate's own threshold (retrieve memories), else unused.
     min_act: f64,
 }
@@ -156,7 +155,7 @@ pub struct Seen {
 /// The side memory under training, shared between the editor and the training module.
 #[derive(Default)]
 pub struct TrainCell {
-    pub delta: RwLock<Option<CTensor>>,
+    pub delta: RwLock<Option<Arc<Matrix>>>,
     pub seen: Mutex<Option<Seen>>,
 }
 
@@ -181,12 +180,12 @@ fn delta_of(
     original: &[f32],
     out: usize,
     inp: usize,
-) -> Result<Option<CTensor>, PluginError> {
+) -> Result<Option<Matrix>, PluginError> {
     let d: Vec<f32> = w.iter().zip(original).map(|(&a, &b)| a - b).collect();
     if d.iter().all(|&v| v == 0.0) {
         return Ok(None);
     }
-    matrix(&d, out, inp, "side memory ΔW").map(Some)
+    Matrix::new(d, out, inp, "side memory ΔW").map(Some)
 }
 
 impl WiseModule {
@@ -276,7 +275,7 @@ impl WiseModule {
     ) -> Result<Tensor, PluginError> {
         let (b, s) = self.check(input, &output)?;
         let n = b * s;
-        let x = matrix(input.as_slice(), n, self.in_dim, "module input")?;
+        let x = input.as_slice();
         match &self.mode {
             Mode::Train(cell) => {
                 let delta = cell
@@ -287,7 +286,7 @@ impl WiseModule {
                 let y = output.as_slice().to_vec();
                 let mut ys = y.clone();
                 if let Some(d) = delta {
-                    for (v, a) in ys.iter_mut().zip(x_dt(&x, &d)?) {
+                    for (v, a) in ys.iter_mut().zip(x_dt(x, n, &d)?) {
                         *v += a;
                     }
                 }
@@ -306,7 +305,7 @@ impl WiseModule {
             Mode::Route {
                 snapshot,
                 candidates,
-            } => self.route(snapshot, candidates, &x, output, ctx, b, s),
+            } => self.route(snapshot, candidates, x, output, ctx, b, s),
         }
     }
 
@@ -315,7 +314,7 @@ impl WiseModule {
         &self,
         snap: &Snapshot,
         candidates: &[Candidate],
-        x: &CTensor,
+        x: &[f32],
         output: Tensor,
         ctx: &ModuleContext,
         b: usize,
@@ -329,7 +328,9 @@ impl WiseModule {
             .map(|c| {
                 c.delta
                     .as_ref()
-                    .map(|d| x_dt(x, d).map(|a| y.iter().zip(a).map(|(&p, q)| p + q).collect()))
+                    .map(|d| {
+                        x_dt(x, b * s, d).map(|a| y.iter().zip(a).map(|(&p, q)| p + q).collect())
+                    })
                     .transpose()
             })
             .collect::<Result<_, _>>()?;

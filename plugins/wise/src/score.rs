@@ -4,6 +4,7 @@
 //! inference). Also the matrix products the side memory needs.
 
 use candle_core::{Device, Tensor as CTensor};
+use kedit_kernels::blas::Blas;
 use kedit_plugin_api::PluginError;
 use serde::{Deserialize, Serialize};
 
@@ -129,38 +130,160 @@ pub fn mean(d: &[f32]) -> f32 {
     (d.iter().map(|&v| v as f64).sum::<f64>() / d.len() as f64) as f32
 }
 
-fn candle_err(what: &str) -> impl Fn(candle_core::Error) -> PluginError + '_ {
-    move |e| PluginError::internal(format!("wise: {what}: {e}"))
+/// A row-major `[rows, cols]` f32 matrix.
+#[derive(Clone, Debug)]
+pub struct Matrix {
+    pub data: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
 }
 
-/// A `[rows, cols]` f32 matrix for candle.
-pub fn matrix(data: &[f32], rows: usize, cols: usize, what: &str) -> Result<CTensor, PluginError> {
-    CTensor::from_slice(data, (rows, cols), &Device::Cpu).map_err(candle_err(what))
+impl Matrix {
+    pub fn new(data: Vec<f32>, rows: usize, cols: usize, what: &str) -> Result<Self, PluginError> {
+        if data.len() != rows * cols {
+            return Err(PluginError::internal(format!(
+                "wise: {what} has {} values, not [{rows}, {cols}]",
+                data.len()
+            )));
+        }
+        Ok(Self { data, rows, cols })
+    }
 }
 
 /// `x·Dᵀ` for `x: [n, in]` and `D: [out, in]`, as `[n, out]` row-major.
-pub fn x_dt(x: &CTensor, d: &CTensor) -> Result<Vec<f32>, PluginError> {
+///
+/// This runs in every forward pass through the side memory, so it uses the model's own product
+/// kernels: the streaming kernel for a few rows (a decoding step reads ΔW once, on every core),
+/// the run-time BLAS for more, candle's GEMM only when no BLAS is installed.
+pub fn x_dt(x: &[f32], n: usize, d: &Matrix) -> Result<Vec<f32>, PluginError> {
+    x_dt_with(x, n, d, kedit_kernels::blas::get())
+}
+
+fn x_dt_with(
+    x: &[f32],
+    n: usize,
+    d: &Matrix,
+    blas: Option<&Blas>,
+) -> Result<Vec<f32>, PluginError> {
+    let (out, inp) = (d.rows, d.cols);
+    if x.len() != n * inp {
+        return Err(PluginError::internal(format!(
+            "wise: x·ΔWᵀ: the input has {} values, not [{n}, {inp}]",
+            x.len()
+        )));
+    }
+    if kedit_kernels::handles(n, inp, out) {
+        let mut y = vec![0f32; n * out];
+        kedit_kernels::matmul_nt(x, &d.data, n, inp, out, &mut y);
+        return Ok(y);
+    }
+    if let Some(blas) = blas {
+        return Ok(blas.matmul_nt(x, &d.data, n, inp, out));
+    }
     let e = candle_err("x·ΔWᵀ");
-    x.matmul(&d.t().map_err(&e)?)
+    let xm = CTensor::from_slice(x, (n, inp), &Device::Cpu).map_err(&e)?;
+    let dm = CTensor::from_slice(&d.data, (out, inp), &Device::Cpu).map_err(&e)?;
+    xm.matmul(&dm.t().map_err(&e)?)
         .and_then(|t| t.flatten_all())
         .and_then(|t| t.to_vec1::<f32>())
         .map_err(e)
 }
 
 /// `Σ_t g_tᵀ x_t` for `g: [n, out]` and `x: [n, in]`, as `[out, in]` row-major.
-pub fn gt_x(g: &CTensor, x: &CTensor) -> Result<Vec<f32>, PluginError> {
+pub fn gt_x(
+    g: &[f32],
+    x: &[f32],
+    n: usize,
+    out: usize,
+    inp: usize,
+) -> Result<Vec<f32>, PluginError> {
+    gt_x_with(g, x, (n, out, inp), kedit_kernels::blas::get())
+}
+
+fn gt_x_with(
+    g: &[f32],
+    x: &[f32],
+    (n, out, inp): (usize, usize, usize),
+    blas: Option<&Blas>,
+) -> Result<Vec<f32>, PluginError> {
+    if g.len() != n * out || x.len() != n * inp {
+        return Err(PluginError::internal(format!(
+            "wise: Gᵀx: {} and {} values do not fit [{n}, {out}] and [{n}, {inp}]",
+            g.len(),
+            x.len()
+        )));
+    }
+    if let Some(blas) = blas {
+        // Gᵀx = (Gᵀ)·(xᵀ)ᵀ: both transposes are small next to the product.
+        return Ok(blas.matmul_nt(&transpose(g, n, out), &transpose(x, n, inp), out, n, inp));
+    }
     let e = candle_err("Gᵀx");
-    g.t()
+    let gm = CTensor::from_slice(g, (n, out), &Device::Cpu).map_err(&e)?;
+    let xm = CTensor::from_slice(x, (n, inp), &Device::Cpu).map_err(&e)?;
+    gm.t()
         .and_then(|gt| gt.contiguous())
-        .and_then(|gt| gt.matmul(x))
+        .and_then(|gt| gt.matmul(&xm))
         .and_then(|t| t.flatten_all())
         .and_then(|t| t.to_vec1::<f32>())
         .map_err(e)
 }
 
+fn transpose(a: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; a.len()];
+    for (r, row) in a.chunks_exact(cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            t[c * rows + r] = v;
+        }
+    }
+    t
+}
+
+fn candle_err(what: &str) -> impl Fn(candle_core::Error) -> PluginError + '_ {
+    move |e| PluginError::internal(format!("wise: {what}: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every backend the products can take (the streaming kernel for ≤ 8 rows, the BLAS when
+    /// one is installed, candle's GEMM otherwise) against an f64 reference.
+    #[test]
+    fn side_memory_products_match_a_reference_on_every_backend() {
+        let (out, inp) = (37, 53);
+        let val =
+            |i: usize, salt: usize| (((i * 7919 + salt * 104_729) % 1000) as f32 / 500.0) - 1.0;
+        let d = Matrix::new((0..out * inp).map(|i| val(i, 1)).collect(), out, inp, "d").unwrap();
+        let mut backends = vec![None];
+        if let Some(b) = kedit_kernels::blas::get() {
+            backends.push(Some(b));
+        }
+        for blas in backends {
+            for n in [1, 3, 8, 9, 40] {
+                let x: Vec<f32> = (0..n * inp).map(|i| val(i, 2)).collect();
+                let y = x_dt_with(&x, n, &d, blas).unwrap();
+                for t in 0..n {
+                    for o in 0..out {
+                        let want: f64 = (0..inp)
+                            .map(|i| x[t * inp + i] as f64 * d.data[o * inp + i] as f64)
+                            .sum();
+                        assert!((y[t * out + o] as f64 - want).abs() < 1e-4, "x·Dᵀ n={n}");
+                    }
+                }
+                let g: Vec<f32> = (0..n * out).map(|i| val(i, 3)).collect();
+                let gx = gt_x_with(&g, &x, (n, out, inp), blas).unwrap();
+                for o in 0..out {
+                    for i in 0..inp {
+                        let want: f64 = (0..n)
+                            .map(|t| g[t * out + o] as f64 * x[t * inp + i] as f64)
+                            .sum();
+                        assert!((gx[o * inp + i] as f64 - want).abs() < 1e-4, "Gᵀx n={n}");
+                    }
+                }
+            }
+        }
+        assert!(x_dt(&[0.0; 5], 1, &d).is_err(), "a short input is refused");
+    }
 
     #[test]
     fn derivatives_match_finite_differences() {
@@ -189,11 +312,14 @@ mod tests {
         assert_eq!(row_score(&[1.0, 3.0]), 2.0);
         let long: Vec<f32> = (0..101).map(|i| i as f32).collect();
         assert_eq!(row_score(&long), 100.0);
-        let x = matrix(&[1.0, 2.0, 3.0, 4.0], 2, 2, "x").unwrap();
-        let d = matrix(&[1.0, 0.0, 1.0, 1.0, 0.0, 2.0], 3, 2, "d").unwrap();
-        assert_eq!(x_dt(&x, &d).unwrap(), vec![1.0, 3.0, 4.0, 3.0, 7.0, 8.0]);
-        let g = matrix(&[1.0, 0.0, 2.0, 1.0, 1.0, 0.0], 2, 3, "g").unwrap();
+        let x = [1.0, 2.0, 3.0, 4.0];
+        let d = Matrix::new(vec![1.0, 0.0, 1.0, 1.0, 0.0, 2.0], 3, 2, "d").unwrap();
+        assert_eq!(x_dt(&x, 2, &d).unwrap(), vec![1.0, 3.0, 4.0, 3.0, 7.0, 8.0]);
+        let g = [1.0, 0.0, 2.0, 1.0, 1.0, 0.0];
         // Σ_t g_tᵀ x_t = [[1·1+1·3, 1·2+1·4], [0+3, 0+4], [2+0, 4+0]].
-        assert_eq!(gt_x(&g, &x).unwrap(), vec![4.0, 6.0, 3.0, 4.0, 2.0, 4.0]);
+        assert_eq!(
+            gt_x(&g, &x, 2, 3, 2).unwrap(),
+            vec![4.0, 6.0, 3.0, 4.0, 2.0, 4.0]
+        );
     }
 }

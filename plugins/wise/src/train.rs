@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::hparams::{Objective, ThresholdFrom, WiseHparams};
 use crate::merge::merge;
 use crate::module::{LogEntry, MeanAct, Memory, Snapshot, TrainCell};
-use crate::score::{self, gt_x, matrix};
+use crate::score::{self, gt_x, Matrix};
 
 const IGNORE: i64 = -100;
 
@@ -329,7 +329,7 @@ pub fn train_one(
         {
             None
         } else {
-            Some(matrix(&delta, out_dim, in_dim, "ΔW")?)
+            Some(Arc::new(Matrix::new(delta, out_dim, in_dim, "ΔW")?))
         };
         let t0 = std::time::Instant::now();
         let out = model.gradient(&request)?;
@@ -448,9 +448,7 @@ pub fn train_one(
                 &mut g[s],
             );
         }
-        let gm = matrix(&g, n, out_dim, "output gradient")?;
-        let xm = matrix(sg.input.as_slice(), n, in_dim, "site input")?;
-        let grad = gt_x(&gm, &xm)?;
+        let grad = gt_x(&g, sg.input.as_slice(), n, out_dim, in_dim)?;
         record.grad_fro_norm = grad
             .iter()
             .map(|&v| (v as f64) * (v as f64))
