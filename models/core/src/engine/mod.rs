@@ -5,6 +5,7 @@ pub mod alibi;
 pub mod attention;
 pub mod edits;
 pub mod frozen;
+pub mod fused;
 pub mod heads;
 pub mod kv_cache;
 pub mod layer_norm;

@@ -1,7 +1,8 @@
-//! Normalisation and softmax in two forms: candle's fused kernels for inference, and manual
-//! compositions of differentiable primitives for the gradient path. candle's fused
-//! `rms_norm` / `softmax_last_dim` have no backward and silently yield *no* gradient, so the
-//! gradient path must never use them; tests check that both forms agree.
+//! Normalisation and softmax in two forms: candle's fused kernels for inference, and for the
+//! gradient path kedit's own fused ops with a backward (`fused.rs`, f32 on the CPU) or else
+//! compositions of differentiable primitives. candle's fused `rms_norm` / `softmax_last_dim`
+//! have no backward and silently yield *no* gradient, so the gradient path must never use them;
+//! tests check that all forms agree.
 
 use candle_core::{Tensor, D};
 
@@ -18,6 +19,7 @@ pub enum Path {
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, path: Path) -> candle_core::Result<Tensor> {
     match path {
         Path::Inference => candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32),
+        Path::Gradient if super::fused::applies(x) => super::fused::rms_norm(x, w, eps),
         Path::Gradient => {
             let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
             let inv_rms = (mean_sq + eps)?.sqrt()?.recip()?;
@@ -30,6 +32,7 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, path: Path) -> candle_core::Re
 pub fn softmax_last_dim(x: &Tensor, path: Path) -> candle_core::Result<Tensor> {
     match path {
         Path::Inference => candle_nn::ops::softmax_last_dim(&x.contiguous()?),
+        Path::Gradient if super::fused::applies(x) => super::fused::softmax_last_dim(x),
         Path::Gradient => {
             // The shift by the (detached) maximum changes nothing mathematically, so its
             // gradient is dropped rather than routed through `max`.
