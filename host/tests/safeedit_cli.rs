@@ -125,6 +125,14 @@ fn safeedit_eval_reports_scores_that_follow_from_the_stored_verdicts() {
         out.to_str().unwrap(),
     ]);
     assert!(run.status.success(), "kedit eval failed:\n{}", stderr(&run));
+    // Not a terminal: one progress line per record, so that long runs show how far they are.
+    let err = stderr(&run);
+    for k in 1..=2 {
+        assert!(
+            err.contains(&format!("[{k}/2] safeedit request ")),
+            "no progress line {k} in:\n{err}"
+        );
+    }
 
     let summary: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();

@@ -30,7 +30,7 @@ use serde_json::Value;
 use self::general::{answer_distributions, mean_kl, HeldOut};
 use self::inputs::{case_inputs, knowledge_ids, render, respond, CaseInputs, Rendering};
 use self::judging::{Judge, Verdict};
-use super::protocol::{bar, EditContext};
+use super::protocol::{bar, log_progress, EditContext};
 use crate::model::ModelHandle;
 use crate::session::{EditSession, SessionOptions, Status};
 
@@ -282,6 +282,20 @@ pub fn run(
         judge_record(&mut record, judges)?;
         run.judge_seconds += judged.elapsed().as_secs_f64();
         run.model_broken |= broken;
+        log_progress(show_progress, || {
+            format!(
+                "[{}/{}] safeedit request {}: {}, layer {}, edit {:.1} s ({:.0} s so far)",
+                i + 1,
+                requests.len(),
+                request.id,
+                record.status.name(),
+                record
+                    .edited_layer
+                    .map_or_else(|| "-".to_string(), |l| l.to_string()),
+                record.edit_seconds,
+                started.elapsed().as_secs_f64()
+            )
+        });
         run.records.push(record);
         progress.inc(1);
     }
