@@ -52,6 +52,18 @@ def main():
     print("kedit / pytorch speed (>1: kedit faster; the issue asks >= 1.5 for decode):")
     for name, prefill, decode in ratios:
         print(f"  {name}: prefill (64 tokens) {prefill:.2f}x, greedy decode {decode:.2f}x")
+    print()
+    print("decode against the memory's limit (a step reads every weight it uses once):")
+    for name in sys.argv[2:]:
+        kedit = load(out / f"{name}.kedit.json")
+        torch = load(out / f"{name}.torch.json")
+        if not (kedit and torch and kedit.get("memory_read_gb_per_s") and torch.get("f32_decode_bytes")):
+            continue
+        bw = kedit["memory_read_gb_per_s"] * 1e9
+        step = torch["f32_decode_bytes"]
+        print(f"  {name}: {bw / 1e9:.1f} GB/s read, {step / 1e9:.2f} GB per step: at most "
+              f"{bw / step:.1f} tok/s; kedit reads {kedit['generation']['tokens_per_second'] * step / 1e9:.1f} GB/s, "
+              f"pytorch {torch['generation']['tokens_per_second'] * step / 1e9:.1f} GB/s")
     print("peak RSS / f32 weight bytes: the issue asks <= 1.25 for kedit. `kedit` rows include its")
     print("editing (FT) and evaluation steps; `kedit generate` is load + 32 greedy tokens only.")
 

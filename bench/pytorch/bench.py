@@ -8,7 +8,9 @@
   new tokens over the whole call, prefill included, as kedit counts it;
 * peak_rss_mib: the process's VmHWM, as kedit reads it;
 * f32_weight_bytes: 4 bytes per element of every tensor in the GGUF (a tied head is stored
-  once), the yardstick both sides' peak RSS is divided by.
+  once), the yardstick both sides' peak RSS is divided by;
+* f32_decode_bytes: what one decoding step must read, the same less the input embedding when
+  the head is untied (a step reads one embedding row, but the whole head).
 
 Prints JSON in kedit bench's shape (its `evaluation` and `edit` sections have no counterpart
 here). Run through run.sh, which provides the virtual environment.
@@ -51,16 +53,19 @@ def median_of(f, repeats):
 
 
 def f32_weight_bytes(path):
+    """(all weights, what a decoding step reads), in f32 bytes."""
     from gguf import GGUFReader
 
     reader = GGUFReader(str(path))
-    elements = 0
+    sizes = {}
     for t in reader.tensors:
         n = 1
         for d in t.shape:
             n *= int(d)
-        elements += n
-    return elements * 4
+        sizes[t.name] = n * 4
+    total = sum(sizes.values())
+    untied_embedding = sizes.get("token_embd.weight", 0) if "output.weight" in sizes else 0
+    return total, total - untied_embedding
 
 
 def main():
@@ -79,7 +84,7 @@ def main():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
-    weight_bytes = f32_weight_bytes(path)
+    weight_bytes, decode_bytes = f32_weight_bytes(path)
 
     print("bench.py: loading", path, file=sys.stderr)
     t = time.perf_counter()
@@ -144,6 +149,7 @@ def main():
         },
         "peak_rss_mib": peak_rss_mib(),
         "f32_weight_bytes": weight_bytes,
+        "f32_decode_bytes": decode_bytes,
         "torch_parameter_bytes": param_bytes,
     }
     text = json.dumps(report, indent=2)

@@ -137,4 +137,6 @@ fn a_saved_wise_edit_answers_the_same_in_a_new_process() {
         modules["generation_32_tokens"]["overhead"].is_f64(),
         "{modules}"
     );
+    // The decode speed's yardstick, measured in the same run.
+    assert!(report["memory_read_gb_per_s"].as_f64().unwrap() > 0.1);
 }

@@ -337,6 +337,10 @@ pub fn run(context: &Context, args: BenchArgs) -> Result<ExitCode> {
         edits.insert(method.clone(), entry);
     }
 
+    // After the peak RSS is read: the probe's buffer is not the model's memory.
+    let peak_rss = peak_rss_mib();
+    eprintln!("bench: memory read bandwidth");
+    let bandwidth = kedit_kernels::bandwidth::read_bandwidth(512 << 20, repeats.max(5));
     let report = json!({
         "kedit_version": env!("CARGO_PKG_VERSION"),
         "model": {
@@ -352,7 +356,9 @@ pub fn run(context: &Context, args: BenchArgs) -> Result<ExitCode> {
         "evaluation": evaluation,
         "edit": edits,
         "installed_modules": modules,
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": peak_rss,
+        // Decoding reads every weight once per token: tokens/s ≤ this / weight bytes.
+        "memory_read_gb_per_s": bandwidth / 1e9,
     });
     let text = serde_json::to_string_pretty(&report)?;
     if let Some(out) = &args.out {

@@ -11,6 +11,7 @@
 //! Results differ from a GEMM's only by summation order (each output is one dot product over `k`,
 //! accumulated in 16- or 8-lane partial sums, then reduced).
 
+pub mod bandwidth;
 pub mod blas;
 mod skinny;
 
