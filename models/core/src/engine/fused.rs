@@ -229,20 +229,8 @@ impl CustomOp2 for SoftmaxBackward {
 mod tests {
     use super::*;
     use crate::engine::ops::{self, Path};
+    use crate::engine::test_util::max_diff;
     use candle_core::{Device, Var, D};
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     /// `f(x)` and the gradient of `Σ c ⊙ f(x)` at `x`: a random `c` gives every output element
     /// its own upstream gradient.
