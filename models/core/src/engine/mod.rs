@@ -15,6 +15,13 @@ pub mod ops;
 pub mod pass;
 pub mod rope;
 
+
+pub use attention::AttentionShape;
+pub use heads::Qkv;
+pub use ops::Path;
+pub use pass::Pass;
+pub use rope::{Rope, RopeStyle};
+
 #[cfg(test)]
 pub(crate) mod test_util {
     use candle_core::Tensor;
@@ -33,9 +40,3 @@ pub(crate) mod test_util {
             .unwrap()
     }
 }
-
-pub use attention::AttentionShape;
-pub use heads::Qkv;
-pub use ops::Path;
-pub use pass::Pass;
-pub use rope::{Rope, RopeStyle};
