@@ -238,6 +238,81 @@ fn safeedit_eval_reports_scores_that_follow_from_the_stored_verdicts() {
     ] {
         assert!(md.contains(needle), "report.md lacks {needle}:\n{md}");
     }
+
+    // `kedit judge` judges the stored responses again: a run whose verdicts were tampered with
+    // gets the judge's real verdicts back, and the scores of the original run.
+    let tampered = tmp.path().join("tampered");
+    std::fs::create_dir(&tampered).unwrap();
+    std::fs::copy(out.join("summary.json"), tampered.join("summary.json")).unwrap();
+    let flipped: Vec<String> = lines
+        .iter()
+        .map(|r| {
+            let mut r = r.clone();
+            for x in r["pre"]["responses"].as_array_mut().unwrap() {
+                let v = &mut x["verdicts"]["rules"]["label"];
+                *v = if *v == "safe" { "unsafe" } else { "safe" }.into();
+            }
+            r.to_string()
+        })
+        .collect();
+    std::fs::write(tampered.join("records.jsonl"), flipped.join("\n") + "\n").unwrap();
+    let rejudged = tmp.path().join("rejudged");
+    let run = kedit(&[
+        "judge",
+        "--run",
+        tampered.to_str().unwrap(),
+        "--judge",
+        "rules",
+        "--out",
+        rejudged.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "kedit judge failed:\n{}",
+        stderr(&run)
+    );
+    let again: Value =
+        serde_json::from_str(&std::fs::read_to_string(rejudged.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(again["safety"], summary["safety"], "{again:#}");
+    assert_eq!(again["settings"]["rejudged"][0]["judges"][0], "rules");
+    assert_eq!(again["perplexity"], summary["perplexity"]);
+    let relines = std::fs::read_to_string(rejudged.join("records.jsonl")).unwrap();
+    for (a, b) in relines.lines().zip(&lines) {
+        let a: Value = serde_json::from_str(a).unwrap();
+        assert_eq!(a["pre"], b["pre"]);
+        assert_eq!(a["post"], b["post"]);
+    }
+    // The run judged is never written, and an output that exists is refused.
+    assert_eq!(
+        std::fs::read_to_string(tampered.join("records.jsonl")).unwrap(),
+        flipped.join("\n") + "\n"
+    );
+    let run = kedit(&[
+        "judge",
+        "--run",
+        tampered.to_str().unwrap(),
+        "--judge",
+        "rules",
+        "--out",
+        rejudged.to_str().unwrap(),
+    ]);
+    assert!(!run.status.success());
+    assert!(stderr(&run).contains("not empty"), "{}", stderr(&run));
+    // A damaged record is named by file and line.
+    std::fs::write(tampered.join("records.jsonl"), "{}\n").unwrap();
+    let run = kedit(&[
+        "judge",
+        "--run",
+        tampered.to_str().unwrap(),
+        "--judge",
+        "rules",
+        "--out",
+        tmp.path().join("r2").to_str().unwrap(),
+    ]);
+    assert!(!run.status.success());
+    let err = stderr(&run);
+    assert!(err.contains("records.jsonl line 1"), "{err}");
 }
 
 #[test]

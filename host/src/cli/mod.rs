@@ -10,6 +10,7 @@ mod export;
 mod fetch;
 mod generate;
 mod info;
+mod judge;
 mod lens;
 mod plugins;
 mod safeedit_eval;
@@ -92,6 +93,9 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Write a model (after applying the config's edits, if any) to a directory.
     Export(export::ExportArgs),
+    /// Judge the responses of a finished SafeEdit evaluation again with other judges (nothing is
+    /// generated), into a new report.
+    Judge(judge::JudgeArgs),
     /// Measure forward latency, generation speed, edit time, evaluation throughput and peak RSS.
     Bench(bench::BenchArgs),
     /// Causal tracing: which layers and tokens carry a fact (heatmaps, JSON, averages).
@@ -117,6 +121,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Edit(args) => edit::run(&context, args),
         Command::Eval(args) => eval::run(&context, args),
         Command::Export(args) => export::run(&context, args),
+        Command::Judge(args) => judge::run(&context, args),
         Command::Trace(args) => trace::run(&context, args),
         Command::Circuit(args) => circuit::run(&context, args),
         Command::Lens(args) => lens::run(&context, args),

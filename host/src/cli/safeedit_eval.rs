@@ -122,10 +122,11 @@ pub(super) fn run(
     let load_seconds = model.load_time().as_secs_f64();
     let mut summary = None;
     write_dir_atomically(&plan.out, |staging| {
+        let refs: Vec<_> = judges.iter().map(|j| j.reference()).collect();
         summary = Some(report::write_all(
             staging,
             &result,
-            &judges,
+            &refs,
             recorded,
             load_seconds,
         )?);

@@ -8,22 +8,22 @@ use std::path::Path;
 
 use anyhow::{bail, Context as _, Result};
 use kedit_plugin_api::{Batch, ForwardRequest, LogitsWanted, Padding};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::model::ModelHandle;
 
 /// Upper bound on the logits of one forward pass (rows × positions × vocabulary floats).
 const MAX_LOGITS_PER_PASS: usize = 16 << 20;
 
-/// The held-out documents, tokenized.
-#[derive(Clone, Debug, Serialize)]
+/// The held-out documents, tokenized (a report read back has the description only).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct HeldOut {
     pub file: String,
     /// How many lines the file has, and which were taken (the last `docs.len()` non-empty ones).
     pub lines_in_file: usize,
     pub max_tokens: usize,
     pub tokens: usize,
-    #[serde(skip)]
+    #[serde(skip, default)]
     pub docs: Vec<Vec<u32>>,
 }
 

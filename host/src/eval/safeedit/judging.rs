@@ -63,6 +63,13 @@ pub struct Judge {
     judge: JudgeBox,
 }
 
+/// A judge as reports name it: its label and where it came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JudgeRef {
+    pub label: String,
+    pub source: String,
+}
+
 /// One verdict, as stored in the report.
 #[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct Verdict {
@@ -97,6 +104,13 @@ pub fn unsafe_value(response: &str, verdict: &Verdict) -> f64 {
 }
 
 impl Judge {
+    pub fn reference(&self) -> JudgeRef {
+        JudgeRef {
+            label: self.label.clone(),
+            source: self.source.clone(),
+        }
+    }
+
     pub fn judge(&self, prompt: &str, response: &str) -> Result<Verdict> {
         let verdict = self
             .judge

@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result};
 use kedit_plugin_api::EditRequest;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use self::general::{answer_distributions, mean_kl, HeldOut};
@@ -103,7 +103,7 @@ impl SafeEditSettings {
 }
 
 /// One response and its verdicts.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Response {
     /// `adversarial`, `onlyQ`, `otherA`, `otherQ`, `otherAQ`.
     pub input: String,
@@ -117,7 +117,7 @@ pub struct Response {
 }
 
 /// One model state's responses to a record.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct StateRecord {
     pub responses: Vec<Response>,
     /// Mean n-gram entropy of the responses (bits).
@@ -127,7 +127,7 @@ pub struct StateRecord {
 }
 
 /// One record's outcome.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct CaseRecord {
     pub index: usize,
     pub id: String,
@@ -306,7 +306,7 @@ pub fn run(
 }
 
 /// Every judge's verdict on every response of a record.
-fn judge_record(record: &mut CaseRecord, judges: &[Judge]) -> Result<()> {
+pub(crate) fn judge_record(record: &mut CaseRecord, judges: &[Judge]) -> Result<()> {
     for judge in judges {
         let states = std::iter::once(&mut record.pre).chain(record.post.as_mut());
         for state in states {

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use serde_json::{json, Map, Value};
 
 use super::inputs::{INPUT_NAMES, METRIC_NAMES};
-use super::judging::{unsafe_value, Judge};
+use super::judging::{unsafe_value, JudgeRef};
 use super::{SafeEditRun, StateRecord};
 use crate::eval::metrics;
 use crate::eval::report::{number, stats};
@@ -70,7 +70,12 @@ fn scores_json(scores: &BTreeMap<String, f64>) -> Value {
 }
 
 /// `summary.json`.
-pub fn summary(run: &SafeEditRun, judges: &[Judge], settings: Value, load_seconds: f64) -> Value {
+pub fn summary(
+    run: &SafeEditRun,
+    judges: &[JudgeRef],
+    settings: Value,
+    load_seconds: f64,
+) -> Value {
     let pre_states: Vec<&StateRecord> = run.records.iter().map(|r| &r.pre).collect();
     let post_states: Vec<&StateRecord> =
         run.records.iter().filter_map(|r| r.post.as_ref()).collect();
@@ -279,7 +284,7 @@ pub fn markdown(summary: &Value) -> String {
 pub fn write_all(
     dir: &Path,
     run: &SafeEditRun,
-    judges: &[Judge],
+    judges: &[JudgeRef],
     settings: Value,
     load_seconds: f64,
 ) -> Result<Value> {

@@ -15,7 +15,6 @@ pub mod ops;
 pub mod pass;
 pub mod rope;
 
-
 pub use attention::AttentionShape;
 pub use heads::Qkv;
 pub use ops::Path;
