@@ -259,7 +259,7 @@ impl Architecture for Baichuan {
         let x = pass.rms_norm(&mlp_in, mlp_norm, eps)?;
         let gate = pass.linear(WeightSite::MlpGate(i), &x)?;
         let up = pass.linear(WeightSite::MlpUp(i), &x)?;
-        let key = (gate.silu()? * up)?;
+        let key = crate::engine::ops::swiglu(&gate, &up)?;
         let key = pass.act(ActSite::MlpKey(i), key)?;
         let mlp_out = pass.linear(WeightSite::MlpDown(i), &key)?;
         let mlp_out = pass.act(ActSite::MlpOut(i), mlp_out)?;

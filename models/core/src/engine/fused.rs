@@ -1,7 +1,8 @@
-//! RMS norm and softmax as single CPU ops with their own backward, for the gradient path.
+//! RMS norm, softmax and the SwiGLU product as single CPU ops with their own backward.
 //!
-//! Composed from candle's primitives (ops.rs), an RMS norm is seven autograd nodes and a softmax
-//! five. candle's backward allocates a zeroed gradient for every node and adds each
+//! Composed from candle's primitives (ops.rs), an RMS norm is seven autograd nodes, a softmax
+//! five, and `silu(g) · u` two whose backward builds eight temporaries the size of the MLP's
+//! hidden layer. candle's backward allocates a zeroed gradient for every node and adds each
 //! contribution into it, and each primitive runs on one thread, so in an editing step these
 //! small element-wise nodes cost about as much as a third of the matrix products. Each op here
 //! is one node: the forward keeps what the backward needs (the output), rows are split across
@@ -26,6 +27,11 @@ pub fn applies(x: &Tensor) -> bool {
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     x.contiguous()?
         .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+/// `silu(gate) · up`, elementwise over same-shaped tensors (the SwiGLU MLP's hidden layer).
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)
 }
 
 /// Softmax over the last dimension.
@@ -225,6 +231,126 @@ impl CustomOp2 for SoftmaxBackward {
     }
 }
 
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+/// Runs `f(i)` for every element of a new vector of `n`, in parallel chunks when `n` is large.
+fn elementwise(n: usize, f: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0f32; n];
+    let chunk = 1 << 13;
+    let fill = |(c, o): (usize, &mut [f32])| {
+        for (j, v) in o.iter_mut().enumerate() {
+            *v = f(c * chunk + j);
+        }
+    };
+    if n >= PARALLEL_MIN_ELEMS {
+        out.par_chunks_mut(chunk).enumerate().for_each(fill);
+    } else {
+        out.chunks_mut(chunk).enumerate().for_each(fill);
+    }
+    out
+}
+
+fn same_len(a: &[f32], b: &[f32], what: &str) -> candle_core::Result<()> {
+    if a.len() != b.len() {
+        candle_core::bail!("{what}: operands of {} and {} elements", a.len(), b.len());
+    }
+    Ok(())
+}
+
+struct Swiglu;
+
+impl CustomOp2 for Swiglu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = f32_data(s1, l1, "swiglu gate")?;
+        let u = f32_data(s2, l2, "swiglu up")?;
+        same_len(g, u, "swiglu")?;
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("swiglu: shapes {:?} and {:?}", l1.shape(), l2.shape());
+        }
+        // candle's silu: v / (1 + e^−v).
+        let y = elementwise(g.len(), |i| g[i] / (1.0 + (-g[i]).exp()) * u[i]);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = grad_res.contiguous()?;
+        let d_gate = gate.apply_op3_no_bwd(up, &dy, &SwigluGateGrad)?;
+        let d_up = gate.apply_op2_no_bwd(&dy, &SwigluUpGrad)?;
+        Ok((Some(d_gate), Some(d_up)))
+    }
+}
+
+/// `∂/∂g = dy · u · σ(g) · (1 + g · (1 − σ(g)))`.
+struct SwigluGateGrad;
+
+impl CustomOp3 for SwigluGateGrad {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-gate-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = f32_data(s1, l1, "swiglu gate grad")?;
+        let u = f32_data(s2, l2, "swiglu gate grad up")?;
+        let dy = f32_data(s3, l3, "swiglu gate grad dy")?;
+        same_len(g, u, "swiglu gate grad")?;
+        same_len(g, dy, "swiglu gate grad")?;
+        let dg = elementwise(g.len(), |i| {
+            let s = sigmoid(g[i]);
+            dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s))
+        });
+        Ok((CpuStorage::F32(dg), l1.shape().clone()))
+    }
+}
+
+/// `∂/∂u = dy · silu(g)`.
+struct SwigluUpGrad;
+
+impl CustomOp2 for SwigluUpGrad {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-up-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let g = f32_data(s1, l1, "swiglu up grad")?;
+        let dy = f32_data(s2, l2, "swiglu up grad dy")?;
+        same_len(g, dy, "swiglu up grad")?;
+        let du = elementwise(g.len(), |i| dy[i] * g[i] * sigmoid(g[i]));
+        Ok((CpuStorage::F32(du), l1.shape().clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,6 +393,37 @@ mod tests {
             assert!(max_diff(&g1, &g2) < 1e-4, "gradient {}", max_diff(&g1, &g2));
             let inference = ops::rms_norm(&x, &w, 1e-5, Path::Inference).unwrap();
             assert!(max_diff(&y1, &inference) < 1e-5);
+        }
+    }
+
+    #[test]
+    fn fused_swiglu_matches_the_composition_in_value_and_both_gradients() {
+        let dev = Device::Cpu;
+        for shape in [(2, 5, 24), (4, 30, 1536)] {
+            let g = Tensor::randn(0f32, 3., shape, &dev).unwrap();
+            let u = Tensor::randn(0f32, 1., shape, &dev).unwrap();
+            let c = Tensor::randn(0f32, 1., shape, &dev).unwrap();
+            let run = |fused: bool| {
+                let (gv, uv) = (Var::from_tensor(&g).unwrap(), Var::from_tensor(&u).unwrap());
+                let y = if fused {
+                    swiglu(gv.as_tensor(), uv.as_tensor()).unwrap()
+                } else {
+                    (gv.as_tensor().silu().unwrap() * uv.as_tensor()).unwrap()
+                };
+                let grads = (&y * &c).unwrap().sum_all().unwrap().backward().unwrap();
+                let dg = grads.get(gv.as_tensor()).unwrap().clone();
+                let du = grads.get(uv.as_tensor()).unwrap().clone();
+                (y, dg, du)
+            };
+            let (y1, dg1, du1) = run(true);
+            let (y2, dg2, du2) = run(false);
+            assert!(max_diff(&y1, &y2) < 1e-5, "value {}", max_diff(&y1, &y2));
+            assert!(
+                max_diff(&dg1, &dg2) < 1e-4,
+                "d gate {}",
+                max_diff(&dg1, &dg2)
+            );
+            assert!(max_diff(&du1, &du2) < 1e-5, "d up {}", max_diff(&du1, &du2));
         }
     }
 

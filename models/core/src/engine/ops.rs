@@ -28,6 +28,16 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, path: Path) -> candle_core::Re
     }
 }
 
+/// `silu(gate) · up` (SwiGLU's hidden layer): one fused op on f32 CPU tensors in either path,
+/// candle's two ops otherwise.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+    if super::fused::applies(gate) && super::fused::applies(up) {
+        super::fused::swiglu(gate, up)
+    } else {
+        gate.silu()? * up
+    }
+}
+
 /// Softmax over the last dimension.
 pub fn softmax_last_dim(x: &Tensor, path: Path) -> candle_core::Result<Tensor> {
     match path {
