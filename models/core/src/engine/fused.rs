@@ -11,8 +11,12 @@
 //! Only contiguous f32 CPU tensors take this path ([`applies`]); anything else uses the
 //! compositions, whose results these match to float rounding (tests below).
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
+
+use super::rope::RopeStyle;
 
 /// Below this many elements a row loop on the calling thread beats handing work to rayon.
 const PARALLEL_MIN_ELEMS: usize = 1 << 15;
@@ -32,6 +36,33 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor>
 /// `silu(gate) · up`, elementwise over same-shaped tensors (the SwiGLU MLP's hidden layer).
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)
+}
+
+/// Rotates `x: [batch, heads, seq, rot]` (contiguous) by the angles whose cosines and sines
+/// are `cos`, `sin`: `[batch, seq, rot/2]`; pairs as `style` says. The backward is the same
+/// rotation by the opposite angles.
+pub fn rope(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    style: RopeStyle,
+) -> candle_core::Result<Tensor> {
+    let (b, _, s, d) = x.dims4()?;
+    if cos.dims() != [b, s, d / 2] || sin.dims() != [b, s, d / 2] || d % 2 != 0 {
+        candle_core::bail!(
+            "rope: tables {:?}/{:?} do not fit {:?}",
+            cos.dims(),
+            sin.dims(),
+            x.dims()
+        );
+    }
+    let op = Rope {
+        cos: Arc::new(cos.flatten_all()?.to_vec1::<f32>()?),
+        sin: Arc::new(sin.flatten_all()?.to_vec1::<f32>()?),
+        style,
+        backward: false,
+    };
+    x.contiguous()?.apply_op1(op)
 }
 
 /// Softmax over the last dimension.
@@ -231,6 +262,64 @@ impl CustomOp2 for SoftmaxBackward {
     }
 }
 
+struct Rope {
+    /// `[batch, seq, rot/2]`, row-major.
+    cos: Arc<Vec<f32>>,
+    sin: Arc<Vec<f32>>,
+    style: RopeStyle,
+    /// Rotate by the opposite angles (the transpose: the backward of the forward rotation).
+    backward: bool,
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(&self, st: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = f32_data(st, l, "rope")?;
+        let (b, h, s, d) = l.shape().dims4()?;
+        let half = d / 2;
+        if self.cos.len() != b * s * half || self.sin.len() != self.cos.len() {
+            candle_core::bail!("rope: tables of {} for {:?}", self.cos.len(), l.shape());
+        }
+        let sign = if self.backward { -1.0 } else { 1.0 };
+        let mut y = vec![0f32; x.len()];
+        // One row = one (batch, head, position); its angles are those of (batch, position).
+        for_rows(&mut y, d, |r, out| {
+            let (bi, si) = (r / (h * s), r % s);
+            let t = (bi * s + si) * half;
+            let row = &x[r * d..(r + 1) * d];
+            for i in 0..half {
+                let (c, sn) = (self.cos[t + i], sign * self.sin[t + i]);
+                let (ia, ib) = match self.style {
+                    RopeStyle::HalfSplit => (i, i + half),
+                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                };
+                let (a, bb) = (row[ia], row[ib]);
+                out[ia] = a * c - bb * sn;
+                out[ib] = bb * c + a * sn;
+            }
+        });
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        grad_y: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let inverse = Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            style: self.style,
+            backward: !self.backward,
+        };
+        Ok(Some(grad_y.contiguous()?.apply_op1_no_bwd(&inverse)?))
+    }
+}
+
 fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + (-v).exp())
 }
@@ -425,6 +514,39 @@ mod tests {
             );
             assert!(max_diff(&du1, &du2) < 1e-5, "d up {}", max_diff(&du1, &du2));
         }
+    }
+
+    #[test]
+    fn fused_rope_matches_the_composition_in_value_and_gradient() {
+        let dev = Device::Cpu;
+        for style in [RopeStyle::HalfSplit, RopeStyle::Interleaved] {
+            let rope = crate::engine::rope::Rope {
+                style,
+                theta: 10000.0,
+                rotary_dim: 16,
+                head_dim: 16,
+            };
+            let positions: Vec<u32> = (0..2 * 5).map(|p| (p * 3) as u32).collect();
+            let t = rope.tables(&positions, 2, 5, &dev).unwrap();
+            let x = Tensor::randn(0f32, 1., (2, 3, 5, 16), &dev).unwrap();
+            let c = Tensor::randn(0f32, 1., (2, 3, 5, 16), &dev).unwrap();
+            let (y1, g1) = value_and_grad(&x, &c, &|x| rope_fn(x, &t, style));
+            let (y2, g2) = value_and_grad(&x, &c, &|x| rope.apply(x, &t, Path::Gradient).unwrap());
+            assert!(
+                max_diff(&y1, &y2) < 1e-6,
+                "{style:?} value {}",
+                max_diff(&y1, &y2)
+            );
+            assert!(
+                max_diff(&g1, &g2) < 1e-6,
+                "{style:?} gradient {}",
+                max_diff(&g1, &g2)
+            );
+        }
+    }
+
+    fn rope_fn(x: &Tensor, t: &crate::engine::rope::RopeTables, style: RopeStyle) -> Tensor {
+        rope(x, &t.cos, &t.sin, style).unwrap()
     }
 
     #[test]

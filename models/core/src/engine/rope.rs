@@ -83,6 +83,9 @@ impl Rope {
                     RopeStyle::Interleaved => candle_nn::rotary_emb::rope_i(&x, &t.cos, &t.sin),
                 }
             }
+            Path::Gradient if super::fused::applies(x) => {
+                super::fused::rope(&x.contiguous()?, &t.cos, &t.sin, self.style)
+            }
             Path::Gradient => self.rotate_differentiable(x, t),
         }
     }
