@@ -132,6 +132,7 @@ fn a_saved_wise_edit_answers_the_same_in_a_new_process() {
     for f in modules["forward"].as_array().unwrap() {
         assert!(f["with_modules_ms"].as_f64().unwrap() > 0.0, "{f}");
         assert!(f["without_modules_ms"].as_f64().unwrap() > 0.0, "{f}");
+        assert!(f["control_difference"].is_f64(), "{f}");
     }
     assert!(
         modules["generation_32_tokens"]["overhead"].is_f64(),

@@ -70,67 +70,75 @@ fn forward_ms(model: &ModelHandle, n: usize, repeats: usize) -> Result<Value> {
 }
 
 /// Median seconds of `f(a)` and `f(b)`, run alternately so that both see the same machine state.
-fn paired_medians(
-    a: &ModelHandle,
-    b: &ModelHandle,
+/// Medians of `f` on each model, timed in rotation (one call on each, repeated), so that a
+/// machine's drift hits every model alike.
+fn rotated_medians(
+    models: &[&ModelHandle],
     mut f: impl FnMut(&ModelHandle) -> Result<()>,
     repeats: usize,
-) -> Result<(f64, f64)> {
-    f(a)?;
-    f(b)?;
-    let (mut ta, mut tb) = (Vec::new(), Vec::new());
+) -> Result<Vec<f64>> {
+    for m in models {
+        f(m)?;
+    }
+    let mut times = vec![Vec::new(); models.len()];
     for _ in 0..repeats.max(1) {
-        for (m, times) in [(a, &mut ta), (b, &mut tb)] {
-            let t = Instant::now();
+        for (m, t) in models.iter().zip(times.iter_mut()) {
+            let start = Instant::now();
             f(m)?;
-            times.push(t.elapsed().as_secs_f64());
+            t.push(start.elapsed().as_secs_f64());
         }
     }
-    Ok((
-        metrics::median(&ta).unwrap_or(0.0),
-        metrics::median(&tb).unwrap_or(0.0),
-    ))
+    Ok(times
+        .iter()
+        .map(|t| metrics::median(t).unwrap_or(0.0))
+        .collect())
 }
 
 /// With `--load DIR`: latency with the editor's installed modules (WISE's router and side
-/// memory) against the same saved weights without them, measured alternately in this run.
-fn module_overhead(loaded: &mut ModelHandle, base: &ModelHandle, repeats: usize) -> Result<Value> {
+/// memory) against the same saved weights without them, measured in rotation in this run. A
+/// second copy of the weights without modules is the control: two instances of the same
+/// weights can differ by where their memory landed, and `control_difference` says by how much,
+/// so an overhead smaller than it is not a measurement of the modules.
+fn module_overhead(
+    loaded: &mut ModelHandle,
+    base: &ModelHandle,
+    control: &ModelHandle,
+    repeats: usize,
+) -> Result<Value> {
     let modules = loaded
         .as_abi_mut()
         .explain_modules()
         .into_result()
         .map_err(|e| anyhow::anyhow!("cannot list the installed modules: {e}"))?
         .len();
-    let loaded = &*loaded;
+    let models = [&*loaded, base, control];
     let mut forward = Vec::new();
     for n in [5usize, 64] {
         let ids = ids_of_length(base, n)?;
         let request =
             ForwardRequest::new(Batch::new(vec![ids], Padding::Right), LogitsWanted::Last);
-        let (with, without) =
-            paired_medians(loaded, base, |m| m.forward(&request).map(drop), repeats)?;
+        let t = rotated_medians(&models, |m| m.forward(&request).map(drop), repeats)?;
         forward.push(json!({
             "tokens": n,
-            "with_modules_ms": with * 1e3,
-            "without_modules_ms": without * 1e3,
-            "overhead": with / without.max(1e-12) - 1.0,
+            "with_modules_ms": t[0] * 1e3,
+            "without_modules_ms": t[1] * 1e3,
+            "control_ms": t[2] * 1e3,
+            "overhead": t[0] / t[1].max(1e-12) - 1.0,
+            "control_difference": t[2] / t[1].max(1e-12) - 1.0,
         }));
     }
     let prompt = base.tokenize("The Eiffel Tower is located in", true)?;
     let generate = GenerateRequest::greedy(vec![prompt], 32);
-    let (with, without) = paired_medians(
-        loaded,
-        base,
-        |m| m.generate(&generate).map(drop),
-        repeats.min(5),
-    )?;
+    let t = rotated_medians(&models, |m| m.generate(&generate).map(drop), repeats.min(5))?;
     Ok(json!({
         "modules": modules,
         "forward": forward,
         "generation_32_tokens": {
-            "with_modules_seconds": with,
-            "without_modules_seconds": without,
-            "overhead": with / without.max(1e-12) - 1.0,
+            "with_modules_seconds": t[0],
+            "without_modules_seconds": t[1],
+            "control_seconds": t[2],
+            "overhead": t[0] / t[1].max(1e-12) - 1.0,
+            "control_difference": t[2] / t[1].max(1e-12) - 1.0,
         },
     }))
 }
@@ -266,7 +274,13 @@ pub fn run(context: &Context, args: BenchArgs) -> Result<ExitCode> {
         Some(dir) => {
             eprintln!("bench: installed modules against the same weights without them");
             let base = context.open_saved_weights(&registry, &model_args, dir)?;
-            Some(module_overhead(&mut model, &base, repeats.max(20))?)
+            let control = context.open_saved_weights(&registry, &model_args, dir)?;
+            Some(module_overhead(
+                &mut model,
+                &base,
+                &control,
+                repeats.max(20),
+            )?)
         }
         None => None,
     };
