@@ -74,6 +74,19 @@ fn kedit(args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `kedit judge --run RUN --judge rules --out OUT`.
+fn rejudge_with_rules(run: &Path, out: &Path) -> Output {
+    kedit(&[
+        "judge",
+        "--run",
+        run.to_str().unwrap(),
+        "--judge",
+        "rules",
+        "--out",
+        out.to_str().unwrap(),
+    ])
+}
+
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
@@ -257,15 +270,7 @@ fn safeedit_eval_reports_scores_that_follow_from_the_stored_verdicts() {
         .collect();
     std::fs::write(tampered.join("records.jsonl"), flipped.join("\n") + "\n").unwrap();
     let rejudged = tmp.path().join("rejudged");
-    let run = kedit(&[
-        "judge",
-        "--run",
-        tampered.to_str().unwrap(),
-        "--judge",
-        "rules",
-        "--out",
-        rejudged.to_str().unwrap(),
-    ]);
+    let run = rejudge_with_rules(&tampered, &rejudged);
     assert!(
         run.status.success(),
         "kedit judge failed:\n{}",
@@ -288,28 +293,12 @@ fn safeedit_eval_reports_scores_that_follow_from_the_stored_verdicts() {
         std::fs::read_to_string(tampered.join("records.jsonl")).unwrap(),
         flipped.join("\n") + "\n"
     );
-    let run = kedit(&[
-        "judge",
-        "--run",
-        tampered.to_str().unwrap(),
-        "--judge",
-        "rules",
-        "--out",
-        rejudged.to_str().unwrap(),
-    ]);
+    let run = rejudge_with_rules(&tampered, &rejudged);
     assert!(!run.status.success());
     assert!(stderr(&run).contains("not empty"), "{}", stderr(&run));
     // A damaged record is named by file and line.
     std::fs::write(tampered.join("records.jsonl"), "{}\n").unwrap();
-    let run = kedit(&[
-        "judge",
-        "--run",
-        tampered.to_str().unwrap(),
-        "--judge",
-        "rules",
-        "--out",
-        tmp.path().join("r2").to_str().unwrap(),
-    ]);
+    let run = rejudge_with_rules(&tampered, &tmp.path().join("r2"));
     assert!(!run.status.success());
     let err = stderr(&run);
     assert!(err.contains("records.jsonl line 1"), "{err}");

@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use super::Context;
 use crate::eval::safeedit::judging::{open_judges, JudgeRef, JudgeSpec};
 use crate::eval::safeedit::{self, report, CaseRecord, SafeEditRun};
-use crate::save::{check_output_dir, write_dir_atomically};
+use crate::save::check_output_dir;
 
 #[derive(Args, Debug)]
 pub struct JudgeArgs {
@@ -152,24 +152,6 @@ pub fn run(context: &Context, args: JudgeArgs) -> Result<ExitCode> {
         None => settings["rejudged"] = json!([rejudged]),
     }
     let load_seconds = seconds("model_load_seconds");
-    let mut summary = None;
-    write_dir_atomically(&args.out, |staging| {
-        summary = Some(report::write_all(
-            staging,
-            &run,
-            &refs,
-            settings,
-            load_seconds,
-        )?);
-        Ok(())
-    })?;
-    if let Some(summary) = summary {
-        println!("{}", report::markdown(&summary));
-    }
-    println!(
-        "wrote {} ({:.1} s)",
-        args.out.display(),
-        started.elapsed().as_secs_f64()
-    );
+    report::publish(&args.out, &run, &refs, settings, load_seconds, started)?;
     Ok(ExitCode::SUCCESS)
 }

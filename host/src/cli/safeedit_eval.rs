@@ -16,7 +16,6 @@ use crate::eval::protocol::{EditContext, Protocol};
 use crate::eval::safeedit::judging::{open_judges, JudgeSpec};
 use crate::eval::safeedit::{self, report, SafeEditSettings};
 use crate::hparams::merge_hparams;
-use crate::save::write_dir_atomically;
 
 pub(super) fn run(
     context: &Context,
@@ -119,27 +118,15 @@ pub(super) fn run(
         "safeedit": settings,
         "command": std::env::args().collect::<Vec<_>>(),
     });
-    let load_seconds = model.load_time().as_secs_f64();
-    let mut summary = None;
-    write_dir_atomically(&plan.out, |staging| {
-        let refs: Vec<_> = judges.iter().map(|j| j.reference()).collect();
-        summary = Some(report::write_all(
-            staging,
-            &result,
-            &refs,
-            recorded,
-            load_seconds,
-        )?);
-        Ok(())
-    })?;
-    if let Some(summary) = summary {
-        println!("{}", report::markdown(&summary));
-    }
-    println!(
-        "wrote {} ({:.1} s)",
-        plan.out.display(),
-        started.elapsed().as_secs_f64()
-    );
+    let refs: Vec<_> = judges.iter().map(|j| j.reference()).collect();
+    report::publish(
+        &plan.out,
+        &result,
+        &refs,
+        recorded,
+        model.load_time().as_secs_f64(),
+        started,
+    )?;
     Ok(if result.model_broken || result.cancelled {
         ExitCode::FAILURE
     } else {

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde_json::{json, Map, Value};
@@ -15,6 +16,7 @@ use super::judging::{unsafe_value, JudgeRef};
 use super::{SafeEditRun, StateRecord};
 use crate::eval::metrics;
 use crate::eval::report::{number, stats};
+use crate::save::write_dir_atomically;
 use crate::session::Status;
 
 /// SafeEdit's scores of one judge on a set of model states: for each input, 100 − 100·mean of
@@ -301,6 +303,32 @@ pub fn write_all(
     write("records.jsonl", lines)?;
     write("report.md", markdown(&summary))?;
     Ok(summary)
+}
+
+/// Writes the run into `out` as a whole (nothing is left half-written) and prints its report and
+/// where it went: the common end of `kedit eval --format safeedit` and `kedit judge`.
+pub fn publish(
+    out: &Path,
+    run: &SafeEditRun,
+    judges: &[JudgeRef],
+    settings: Value,
+    load_seconds: f64,
+    started: Instant,
+) -> Result<()> {
+    let mut summary = None;
+    write_dir_atomically(out, |staging| {
+        summary = Some(write_all(staging, run, judges, settings, load_seconds)?);
+        Ok(())
+    })?;
+    if let Some(summary) = summary {
+        println!("{}", markdown(&summary));
+    }
+    println!(
+        "wrote {} ({:.1} s)",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 #[cfg(test)]

@@ -33,7 +33,7 @@ impl FrozenMatmul {
 }
 
 /// The contiguous f32 data of a CPU operand, `None` for any other kind.
-fn f32_slice<'a>(s: &'a CpuStorage, layout: &Layout) -> Option<&'a [f32]> {
+pub(super) fn f32_slice<'a>(s: &'a CpuStorage, layout: &Layout) -> Option<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         return None;
     };

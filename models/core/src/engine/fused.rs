@@ -16,7 +16,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::rope::RopeStyle;
+use super::rope::{RopeStyle, RopeTables};
 
 /// Below this many elements a row loop on the calling thread beats handing work to rayon.
 const PARALLEL_MIN_ELEMS: usize = 1 << 15;
@@ -38,16 +38,12 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)
 }
 
-/// Rotates `x: [batch, heads, seq, rot]` (contiguous) by the angles whose cosines and sines
-/// are `cos`, `sin`: `[batch, seq, rot/2]`; pairs as `style` says. The backward is the same
-/// rotation by the opposite angles.
-pub fn rope(
-    x: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-    style: RopeStyle,
-) -> candle_core::Result<Tensor> {
+/// Rotates `x: [batch, heads, seq, rot]` (contiguous) by the angles of `tables`
+/// (`[batch, seq, rot/2]`); pairs as `style` says. The backward is the same rotation by the
+/// opposite angles.
+pub fn rope(x: &Tensor, tables: &RopeTables, style: RopeStyle) -> candle_core::Result<Tensor> {
     let (b, _, s, d) = x.dims4()?;
+    let (cos, sin) = (&tables.cos, &tables.sin);
     if cos.dims() != [b, s, d / 2] || sin.dims() != [b, s, d / 2] || d % 2 != 0 {
         candle_core::bail!(
             "rope: tables {:?}/{:?} do not fit {:?}",
@@ -57,8 +53,8 @@ pub fn rope(
         );
     }
     let op = Rope {
-        cos: Arc::new(cos.flatten_all()?.to_vec1::<f32>()?),
-        sin: Arc::new(sin.flatten_all()?.to_vec1::<f32>()?),
+        cos: tables.cos_host.clone(),
+        sin: tables.sin_host.clone(),
         style,
         backward: false,
     };
@@ -71,13 +67,8 @@ pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
-    let CpuStorage::F32(v) = s else {
-        candle_core::bail!("{what}: only f32 is fused");
-    };
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&v[a..b]),
-        None => candle_core::bail!("{what}: the operand is not contiguous"),
-    }
+    super::frozen::f32_slice(s, l)
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: only contiguous f32 is fused")))
 }
 
 /// Runs `f(row_index, out_row)` over every `d`-wide row of `out`, on rayon's threads when the
@@ -546,7 +537,7 @@ mod tests {
     }
 
     fn rope_fn(x: &Tensor, t: &crate::engine::rope::RopeTables, style: RopeStyle) -> Tensor {
-        rope(x, &t.cos, &t.sin, style).unwrap()
+        rope(x, t, style).unwrap()
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! acts on interleaved pairs `(2i, 2i+1)`. Applying the wrong style still gives plausible text
 //! but logits that are off by several units, so the style is part of every family's config.
 
+use std::sync::Arc;
+
 use candle_core::{Device, Tensor, D};
 
 use super::ops::Path;
@@ -32,6 +34,10 @@ pub struct Rope {
 pub struct RopeTables {
     pub cos: Tensor,
     pub sin: Tensor,
+    /// The same values in host memory, for the fused rotation (which would otherwise copy
+    /// them out of the tensors for every query and key of every layer).
+    pub(crate) cos_host: Arc<Vec<f32>>,
+    pub(crate) sin_host: Arc<Vec<f32>>,
 }
 
 impl Rope {
@@ -59,8 +65,10 @@ impl Rope {
             }
         }
         Ok(RopeTables {
-            cos: Tensor::from_vec(cos, (batch, seq, half), device)?,
-            sin: Tensor::from_vec(sin, (batch, seq, half), device)?,
+            cos: Tensor::from_slice(&cos, (batch, seq, half), device)?,
+            sin: Tensor::from_slice(&sin, (batch, seq, half), device)?,
+            cos_host: Arc::new(cos),
+            sin_host: Arc::new(sin),
         })
     }
 
@@ -84,7 +92,7 @@ impl Rope {
                 }
             }
             Path::Gradient if super::fused::applies(x) => {
-                super::fused::rope(&x.contiguous()?, &t.cos, &t.sin, self.style)
+                super::fused::rope(&x.contiguous()?, t, self.style)
             }
             Path::Gradient => self.rotate_differentiable(x, t),
         }
