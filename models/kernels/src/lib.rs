@@ -38,6 +38,41 @@ pub fn matmul_nt(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, y: &mut [f3
     skinny::run(x, w, m, k, n, y);
 }
 
+/// One weight of a [`matmul_nt_many`] call: `w: [n, k]` and its output `y: [m, n]`.
+pub struct Product<'a> {
+    pub w: &'a [f32],
+    pub n: usize,
+    pub y: &'a mut [f32],
+}
+
+/// `y_i = x·W_iᵀ` for every product, `x: [m, k]` shared: the same as one [`matmul_nt`] per
+/// weight, with all of them streamed in one parallel section (for the projections that read the
+/// same input, such as q, k and v).
+///
+/// # Panics
+/// As [`matmul_nt`], for any of the products.
+pub fn matmul_nt_many(x: &[f32], m: usize, k: usize, products: &mut [Product<'_>]) {
+    assert!(
+        handles(m, k, 0),
+        "matmul_nt_many: {m} rows is not a skinny product"
+    );
+    assert_eq!(x.len(), m * k, "matmul_nt_many: x is not [{m}, {k}]");
+    for (i, p) in products.iter().enumerate() {
+        let n = p.n;
+        assert_eq!(
+            p.w.len(),
+            n * k,
+            "matmul_nt_many: weight {i} is not [{n}, {k}]"
+        );
+        assert_eq!(
+            p.y.len(),
+            m * n,
+            "matmul_nt_many: output {i} is not [{m}, {n}]"
+        );
+    }
+    skinny::run_many(x, m, k, products);
+}
+
 /// The instruction set the kernels use on this machine, for benchmark reports.
 pub fn isa() -> &'static str {
     skinny::Isa::detect().name()
@@ -115,6 +150,37 @@ mod tests {
                     "{}: {got} vs {want}",
                     isa.name()
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn several_weights_in_one_call_equal_one_call_each() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        // Sizes around the threading threshold and shares that do not divide the weights.
+        for &(m, k, ns) in &[
+            (1, 576, &[576usize, 192, 192][..]),
+            (3, 64, &[5, 4099, 13][..]),
+            (8, 33, &[1, 2, 3][..]),
+            (1, 896, &[4864, 4864][..]),
+        ] {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1.0..1.0)).collect();
+            let ws: Vec<Vec<f32>> = ns
+                .iter()
+                .map(|&n| (0..n * k).map(|_| rng.gen_range(-1.0..1.0)).collect())
+                .collect();
+            let mut ys: Vec<Vec<f32>> = ns.iter().map(|&n| vec![f32::NAN; m * n]).collect();
+            let mut products: Vec<Product> = ws
+                .iter()
+                .zip(ys.iter_mut())
+                .zip(ns)
+                .map(|((w, y), &n)| Product { w, n, y })
+                .collect();
+            matmul_nt_many(&x, m, k, &mut products);
+            for ((w, y), &n) in ws.iter().zip(&ys).zip(ns) {
+                let mut alone = vec![0f32; m * n];
+                matmul_nt(&x, w, m, k, n, &mut alone);
+                assert_eq!(y, &alone, "[{m}, {k}]·[{n}, {k}]ᵀ among {ns:?}");
             }
         }
     }

@@ -192,6 +192,69 @@ pub fn linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     y.reshape(out_dims)
 }
 
+/// `x·W_iᵀ` for every weight, over the last dimension of `x` as [`linear`] does, computed in one
+/// parallel section of the streaming kernel — the same values as one [`linear`] per weight.
+/// `None` when that kernel does not apply (more than a few rows, a tracked `x`, another device
+/// or dtype): then the caller uses [`linear`] per weight.
+pub fn skinny_linears(x: &Tensor, ws: &[&Tensor]) -> candle_core::Result<Option<Vec<Tensor>>> {
+    let dims = x.dims();
+    let Some(&k) = dims.last() else {
+        return Ok(None);
+    };
+    let m: usize = dims[..dims.len() - 1].iter().product();
+    if x.track_op() || !kedit_kernels::handles(m, k, 0) || !x.is_contiguous() {
+        return Ok(None);
+    }
+    let (x_storage, x_layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(x_cpu) = &*x_storage else {
+        return Ok(None);
+    };
+    let Some(xs) = f32_slice(x_cpu, x_layout) else {
+        return Ok(None);
+    };
+    let mut guards = Vec::with_capacity(ws.len());
+    for w in ws {
+        match w.dims2() {
+            Ok((_, k2)) if k2 == k => guards.push(w.storage_and_layout()),
+            _ => return Ok(None),
+        }
+    }
+    let mut weights = Vec::with_capacity(ws.len());
+    for (storage, layout) in &guards {
+        let candle_core::Storage::Cpu(cpu) = &**storage else {
+            return Ok(None);
+        };
+        let Some(w) = f32_slice(cpu, layout) else {
+            return Ok(None);
+        };
+        weights.push(w);
+    }
+    let mut outs: Vec<Vec<f32>> = weights
+        .iter()
+        .map(|w| vec![0f32; m * w.len() / k])
+        .collect();
+    let mut products: Vec<kedit_kernels::Product> = weights
+        .iter()
+        .zip(outs.iter_mut())
+        .map(|(w, y)| kedit_kernels::Product {
+            w,
+            n: w.len() / k,
+            y,
+        })
+        .collect();
+    kedit_kernels::matmul_nt_many(xs, m, k, &mut products);
+    drop(guards);
+    drop(x_storage);
+    outs.into_iter()
+        .map(|y| {
+            let mut out_dims = dims.to_vec();
+            *out_dims.last_mut().expect("non-empty") = y.len() / m;
+            Tensor::from_vec(y, out_dims, x.device())
+        })
+        .collect::<candle_core::Result<Vec<_>>>()
+        .map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,5 +292,35 @@ mod tests {
             .unwrap();
         assert_eq!(gx, expect);
         assert!(grads.get(&w).is_none(), "a frozen weight got a gradient");
+    }
+
+    #[test]
+    fn skinny_linears_equal_one_linear_each_and_decline_what_they_do_not_take() {
+        let dev = Device::Cpu;
+        let ws: Vec<Tensor> = [576usize, 192, 192]
+            .iter()
+            .map(|&n| Tensor::randn(0f32, 1., (n, 64), &dev).unwrap())
+            .collect();
+        let refs: Vec<&Tensor> = ws.iter().collect();
+        let x = Tensor::randn(0f32, 1., (1, 3, 64), &dev).unwrap();
+        let together = skinny_linears(&x, &refs)
+            .unwrap()
+            .expect("3 rows are skinny");
+        for (w, y) in ws.iter().zip(&together) {
+            let alone = linear(&x, w).unwrap();
+            assert_eq!(y.dims(), alone.dims());
+            assert_eq!(
+                y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                alone.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+        let many_rows = Tensor::randn(0f32, 1., (2, 9, 64), &dev).unwrap();
+        assert!(skinny_linears(&many_rows, &refs).unwrap().is_none());
+        let tracked = Var::from_tensor(&x).unwrap();
+        assert!(skinny_linears(tracked.as_tensor(), &refs)
+            .unwrap()
+            .is_none());
+        let f64_x = x.to_dtype(candle_core::DType::F64).unwrap();
+        assert!(skinny_linears(&f64_x, &refs).unwrap().is_none());
     }
 }

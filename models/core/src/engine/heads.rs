@@ -40,12 +40,15 @@ impl Pass<'_> {
         let site = ActSite::HeadIn(layer);
         if !self.touches(&site) {
             let x = norm(self, h)?;
-            return Ok(Qkv {
-                q: self.linear(WeightSite::AttnQ(layer), &x)?,
-                k: self.linear(WeightSite::AttnK(layer), &x)?,
-                v: self.linear(WeightSite::AttnV(layer), &x)?,
-                shape,
-            });
+            let [q, k, v] = self.linears(
+                [
+                    WeightSite::AttnQ(layer),
+                    WeightSite::AttnK(layer),
+                    WeightSite::AttnV(layer),
+                ],
+                &x,
+            )?;
+            return Ok(Qkv { q, k, v, shape });
         }
         self.check_per_head(layer)?;
         let (b, s, d) = h.dims3()?;

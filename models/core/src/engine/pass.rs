@@ -196,7 +196,44 @@ impl<'a> Pass<'a> {
     /// and taps stay those of `site`): for a family whose forward applies a weight derived from
     /// the stored one, such as Baichuan2's row-normalised head.
     pub fn linear_with(&mut self, site: WeightSite, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        let mut y = frozen::linear(x, w)?;
+        let y = frozen::linear(x, w)?;
+        self.finish_linear(site, x, y)
+    }
+
+    /// [`Pass::linear`] at several sites that read the same `x` (q, k and v; gate and up). A
+    /// decode step streams their weights in one parallel section, which matters for the small
+    /// projections of small models; otherwise, and always with the same values, one
+    /// [`Pass::linear`] each.
+    pub fn linears<const N: usize>(
+        &mut self,
+        sites: [WeightSite; N],
+        x: &Tensor,
+    ) -> Result<[Tensor; N]> {
+        let mut ws = Vec::with_capacity(N);
+        for site in sites {
+            ws.push(self.weights.site(site)?);
+        }
+        let products = frozen::skinny_linears(x, &ws)?;
+        let mut out = Vec::with_capacity(N);
+        match products {
+            Some(ys) => {
+                for (site, y) in sites.into_iter().zip(ys) {
+                    out.push(self.finish_linear(site, x, y)?);
+                }
+            }
+            None => {
+                for site in sites {
+                    out.push(self.linear(site, x)?);
+                }
+            }
+        }
+        Ok(out
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("one output per site")))
+    }
+
+    /// Bias, modules and gradient tap of `site`, after its product `y = x·Wᵀ`.
+    fn finish_linear(&mut self, site: WeightSite, x: &Tensor, mut y: Tensor) -> Result<Tensor> {
         if let Some(b) = self.weights.bias(site) {
             y = y.broadcast_add(b)?;
         }

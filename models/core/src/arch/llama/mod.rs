@@ -96,8 +96,7 @@ impl Architecture for Llama {
 
         let mlp_in = pass.act(ActSite::MlpIn(i), h.clone())?;
         let x = pass.rms_norm(&mlp_in, mlp_norm, eps)?;
-        let gate = pass.linear(WeightSite::MlpGate(i), &x)?;
-        let up = pass.linear(WeightSite::MlpUp(i), &x)?;
+        let [gate, up] = pass.linears([WeightSite::MlpGate(i), WeightSite::MlpUp(i)], &x)?;
         let key = crate::engine::ops::swiglu(&gate, &up)?;
         let key = pass.act(ActSite::MlpKey(i), key)?;
         let mlp_out = pass.linear(WeightSite::MlpDown(i), &key)?;
