@@ -1,102 +1,81 @@
-//! Bandwidth the one-row skinny product reaches on the weight shapes of SmolLM2-135M and
-//! Qwen2.5-0.5B, against the machine's read bandwidth measured in the same run:
+//! The streaming kernel on a whole decode step's weights — SmolLM2-135M's and Qwen2.5-0.5B's
+//! shapes, called as the models call it (q, k, v together; o; gate and up together; down; the
+//! head) — against the machine's read bandwidth measured in the same run:
 //! `cargo run --release -p kedit-kernels --example skinny_bandwidth`.
+//!
+//! Weights are constant-filled (the kernel's speed does not depend on the values); every model
+//! gets its own copies, larger than the caches, so each step reads them from memory as decoding
+//! does.
 
 use std::time::Instant;
 
+use kedit_kernels::{matmul_nt_many, Product};
+
+/// One call: the input width and the output width of each weight that reads that input.
+type Call = (usize, Vec<usize>);
+
+fn decode_step(d: usize, kv: usize, ff: usize, layers: usize, vocab: usize) -> Vec<Call> {
+    let mut calls = Vec::new();
+    for _ in 0..layers {
+        calls.push((d, vec![d, kv, kv]));
+        calls.push((d, vec![d]));
+        calls.push((d, vec![ff, ff]));
+        calls.push((ff, vec![d]));
+    }
+    calls.push((d, vec![vocab]));
+    calls
+}
+
 fn main() {
-    let peak = kedit_kernels::bandwidth::read_bandwidth(512 << 20, 5) / 1e9;
+    let bandwidth = kedit_kernels::bandwidth::read_bandwidth(512 << 20, 5) / 1e9;
     println!(
-        "memory read bandwidth: {peak:.1} GB/s ({})",
+        "memory read bandwidth: {bandwidth:.1} GB/s ({})",
         kedit_kernels::isa()
     );
-    // q, k, v of one layer, one call each and then in one call.
-    for (name, k, ns) in [
-        ("smol q,k,v", 576, &[576usize, 192, 192][..]),
-        ("smol gate,up", 576, &[1536, 1536][..]),
-        ("qwen q,k,v", 896, &[896, 128, 128][..]),
-        ("qwen gate,up", 896, &[4864, 4864][..]),
+    for (name, calls) in [
+        ("SmolLM2-135M", decode_step(576, 192, 1536, 30, 49152)),
+        ("Qwen2.5-0.5B", decode_step(896, 128, 4864, 24, 151936)),
     ] {
-        let layer_floats: usize = ns.iter().map(|n| n * k).sum();
-        let copies = (256 << 20) / (layer_floats * 4) + 1;
-        let ws: Vec<Vec<Vec<f32>>> = (0..copies)
-            .map(|c| {
-                ns.iter()
-                    .map(|&n| vec![(c % 7) as f32 * 1e-3; n * k])
-                    .collect()
+        let weights: Vec<Vec<Vec<f32>>> = calls
+            .iter()
+            .map(|(k, ns)| ns.iter().map(|&n| vec![1e-3f32; n * k]).collect())
+            .collect();
+        let mut outs: Vec<Vec<Vec<f32>>> = calls
+            .iter()
+            .map(|(_, ns)| ns.iter().map(|&n| vec![0f32; n]).collect())
+            .collect();
+        let bytes: usize = calls
+            .iter()
+            .map(|(k, ns)| ns.iter().sum::<usize>() * k * 4)
+            .sum();
+        let x = vec![0.5f32; calls.iter().map(|c| c.0).max().unwrap_or(0)];
+        let mut step = || {
+            for (((k, _), ws), ys) in calls.iter().zip(&weights).zip(outs.iter_mut()) {
+                let mut products: Vec<Product> = ws
+                    .iter()
+                    .zip(ys.iter_mut())
+                    .map(|(w, y)| Product { w, n: y.len(), y })
+                    .collect();
+                matmul_nt_many(&x[..*k], 1, *k, &mut products);
+            }
+        };
+        step();
+        let mut times: Vec<f64> = (0..15)
+            .map(|_| {
+                let t = Instant::now();
+                step();
+                t.elapsed().as_secs_f64()
             })
             .collect();
-        let x = vec![0.5f32; k];
-        let mut ys: Vec<Vec<f32>> = ns.iter().map(|&n| vec![0f32; n]).collect();
-        for together in [false, true] {
-            let pass = |ys: &mut Vec<Vec<f32>>| {
-                for layer in &ws {
-                    if together {
-                        let mut products: Vec<kedit_kernels::Product> = layer
-                            .iter()
-                            .zip(ys.iter_mut())
-                            .zip(ns)
-                            .map(|((w, y), &n)| kedit_kernels::Product { w, n, y })
-                            .collect();
-                        kedit_kernels::matmul_nt_many(&x, 1, k, &mut products);
-                    } else {
-                        for ((w, y), &n) in layer.iter().zip(ys.iter_mut()).zip(ns) {
-                            kedit_kernels::matmul_nt(&x, w, 1, k, n, y);
-                        }
-                    }
-                }
-            };
-            pass(&mut ys);
-            let rounds = 5;
-            let start = Instant::now();
-            for _ in 0..rounds {
-                pass(&mut ys);
-            }
-            let secs = start.elapsed().as_secs_f64() / (rounds * copies) as f64;
-            let gbps = (layer_floats * 4) as f64 / secs / 1e9;
-            println!(
-                "{name:14} {:9} {:8.1} µs/layer {gbps:6.1} GB/s ({:.0}%)",
-                if together { "together" } else { "apart" },
-                secs * 1e6,
-                100.0 * gbps / peak
-            );
-        }
-    }
-    let shapes = [
-        ("smol q/o 576x576", 576, 576),
-        ("smol k/v 576x192", 576, 192),
-        ("smol gate/up 576x1536", 576, 1536),
-        ("smol down 1536x576", 1536, 576),
-        ("smol head 576x49152", 576, 49152),
-        ("qwen q/o 896x896", 896, 896),
-        ("qwen gate/up 896x4864", 896, 4864),
-        ("qwen down 4864x896", 4864, 896),
-    ];
-    for (name, k, n) in shapes {
-        // Enough distinct weights to exceed the caches, as a model's layers do.
-        let copies = (256 << 20) / (k * n * 4) + 1;
-        let ws: Vec<Vec<f32>> = (0..copies)
-            .map(|c| vec![(c % 7) as f32 * 1e-3; k * n])
-            .collect();
-        let x = vec![0.5f32; k];
-        let mut y = vec![0f32; n];
-        for w in &ws {
-            kedit_kernels::matmul_nt(&x, w, 1, k, n, &mut y);
-        }
-        let rounds = 3;
-        let start = Instant::now();
-        for _ in 0..rounds {
-            for w in &ws {
-                kedit_kernels::matmul_nt(&x, w, 1, k, n, &mut y);
-            }
-        }
-        let secs = start.elapsed().as_secs_f64();
-        let calls = (rounds * copies) as f64;
-        let gbps = calls * (k * n * 4) as f64 / secs / 1e9;
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let gbps = bytes as f64 / median / 1e9;
         println!(
-            "{name:24} {:8.1} µs/call {gbps:6.1} GB/s ({:.0}% of read bandwidth)",
-            secs / calls * 1e6,
-            100.0 * gbps / peak
+            "{name}: {:.2} GB per step, {:.2} ms per step ({:.1} steps/s), {gbps:.1} GB/s = {:.0}% of the bandwidth",
+            bytes as f64 / 1e9,
+            median * 1e3,
+            1.0 / median,
+            100.0 * gbps / bandwidth
         );
     }
 }
