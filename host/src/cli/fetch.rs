@@ -1,5 +1,5 @@
 //! `kedit fetch NAME...` / `kedit fetch --list`: prefetch known models (and run-time libraries
-//! such as `openblas`) into the cache.
+//! such as `openblas` and `mkl`) into the cache.
 
 use std::process::ExitCode;
 
@@ -11,7 +11,7 @@ use crate::runtime_libs::{known_library, KNOWN_LIBRARIES};
 
 #[derive(Args, Debug)]
 pub struct FetchArgs {
-    /// Known model names, or `openblas` (a BLAS for faster prefill and editing).
+    /// Known model names, or `openblas` / `mkl` (a BLAS for faster prefill and editing).
     #[arg(value_name = "NAME", required_unless_present = "list")]
     pub names: Vec<String>,
     /// List the known models and whether they are cached.
