@@ -97,7 +97,7 @@ pub const MKL: KnownLibrary = KnownLibrary {
         ),
     ],
     description: "Intel oneMKL 2026.2 (PyPI `mkl`, 221 MB download, 470 MB installed), about \
-                  1.6x OpenBLAS on the products of prefill and editing; used in preference to \
+                  1.3-1.6x OpenBLAS on the products of prefill and editing; used in preference to \
                   OpenBLAS once installed; Intel Simplified Software License",
 };
 

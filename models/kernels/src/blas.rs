@@ -8,7 +8,7 @@
 //! 1. `KEDIT_BLAS=/path/to/lib.so` names the library; `KEDIT_BLAS=off` disables it;
 //! 2. otherwise a copy that `kedit fetch mkl` or `kedit fetch openblas` installed in the cache
 //!    (`$KEDIT_HOME`, else `~/.cache/kedit`, then [`CACHED_MKL`] or [`CACHED_LIBRARY`]) is used
-//!    when it exists, MKL first: on the products of prefill and editing it is about 1.6× as fast
+//!    when it exists, MKL first: on the products of prefill and editing it is 1.3–1.6× as fast
 //!    as OpenBLAS on AVX-512 machines (`examples/prefill_products.rs`);
 //! 3. otherwise callers fall back to their own GEMM.
 //!
