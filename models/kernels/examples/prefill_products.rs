@@ -41,7 +41,11 @@ fn main() {
         .collect();
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
-    let flops: f64 = 30.0 * layer.iter().map(|&(k, n)| 2.0 * (m * k * n) as f64).sum::<f64>();
+    let flops: f64 = 30.0
+        * layer
+            .iter()
+            .map(|&(k, n)| 2.0 * (m * k * n) as f64)
+            .sum::<f64>();
     println!(
         "{}: SmolLM2 64-token prefill products in {:.1} ms ({:.1} GFLOP/s)",
         kedit_kernels::blas::status(),
