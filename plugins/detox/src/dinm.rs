@@ -298,6 +298,8 @@ pub struct CaseTrace {
     pub site: String,
     pub templated: bool,
     pub kl_gradient: bool,
+    /// Adam's learning rate (given, or derived from the tuned weight's width).
+    pub lr: f64,
     pub n_edit_tokens: usize,
     pub n_label_tokens: usize,
     pub n_instruction_tokens: usize,
@@ -415,20 +417,33 @@ fn fro_delta(w: &Tensor, w0: &Tensor) -> f64 {
         .sqrt()
 }
 
+/// The input width of the tuned `[out, in]` weight, which sets the derived learning rate.
+fn tuned_width(w: &Tensor, site: &str) -> Result<usize, PluginError> {
+    match w.dims()[..] {
+        [_, d_in] => Ok(d_in),
+        _ => Err(PluginError::internal(format!(
+            "dinm: weight {site} has shape {:?}, not [out, in]",
+            w.dims()
+        ))),
+    }
+}
+
 /// Edits one located (or given) layer for one case, writing the weight through the journal.
+/// Returns the steps, the first step's gradient, the final ΔW and the learning rate used.
 fn edit_case(
     model: &mut ModelClient<'_>,
     enc: &Encoded,
     layer: usize,
     hp: &DinmHparams,
     progress: &mut dyn FnMut(usize, f64) -> Result<(), PluginError>,
-) -> Result<(Vec<StepRecord>, Tensor, Tensor), PluginError> {
+) -> Result<(Vec<StepRecord>, Tensor, Tensor, f64), PluginError> {
     let facts = model.facts()?;
     let vocab = facts.vocab_size as usize;
     let site = layer_site(&hp.rewrite_site, layer);
     let w0 = model.read_weight(&site)?;
     let mut w = w0.clone();
-    let mut adam = Adam::new(w.numel(), hp.lr, hp.weight_decay);
+    let lr = hp.learning_rate(tuned_width(&w0, &site)?);
+    let mut adam = Adam::new(w.numel(), lr, hp.weight_decay);
 
     // P_pre, once, from the weights the case starts from.
     let pre = window_logprobs(model, enc, vocab)?;
@@ -545,7 +560,7 @@ fn edit_case(
         .map(|(&a, &b)| a - b)
         .collect();
     let first_grad = first_grad.unwrap_or_else(|| Tensor::zeros(&w.dims()));
-    Ok((steps, first_grad, Tensor::new(&w.dims(), delta)?))
+    Ok((steps, first_grad, Tensor::new(&w.dims(), delta)?, lr))
 }
 
 fn check_layer(layer: usize, n_layers: usize) -> Result<(), PluginError> {
@@ -635,7 +650,7 @@ pub fn run_encoded(
                     Err(PluginError::cancelled())
                 }
             };
-            let (steps, first_grad, delta) = edit_case(model, enc, layer, hp, &mut report)
+            let (steps, first_grad, delta, lr) = edit_case(model, enc, layer, hp, &mut report)
                 .map_err(|e| e.context(format!("dinm: request '{id}'")))?;
             trace.cases.push(CaseTrace {
                 id: id.clone(),
@@ -644,6 +659,7 @@ pub fn run_encoded(
                 site: layer_site(&hp.rewrite_site, layer),
                 templated: enc.templated,
                 kl_gradient: hp.kl_gradient,
+                lr,
                 n_edit_tokens: enc.edit_ids.len(),
                 n_label_tokens: enc.label_ids.len(),
                 n_instruction_tokens: enc.instruction_ids.len(),

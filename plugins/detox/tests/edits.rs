@@ -280,7 +280,17 @@ fn smollm2_default_hparams_detoxify_a_safeedit_record_with_the_chat_template() {
     );
     assert!(c.layer < 30);
     assert_eq!(c.steps.len(), 10);
+    // The learning rate follows the MLP width (docs/dinm.md): SmolLM2's 1536 against the 11008
+    // of the LLaMA-7B file's 5e-4. With it, ten steps fit the safe response (EasyEdit's 5e-4
+    // leaves the NLL at about 0.6 of where it started).
+    assert_eq!(c.lr, 5e-4 * 11008.0 / 1536.0);
     let (first, last) = (&c.steps[0], c.steps.last().unwrap());
-    assert!(last.nll_edit < first.nll_edit && last.loss_total < first.loss_total);
+    assert!(last.loss_total < first.loss_total);
+    assert!(
+        last.nll_edit < 0.3 * first.nll_edit,
+        "the safe response is not learnt: NLL {} → {}",
+        first.nll_edit,
+        last.nll_edit
+    );
     client.journal_rollback(mark).unwrap();
 }
