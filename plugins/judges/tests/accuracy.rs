@@ -1,4 +1,4 @@
-//! Each judge's accuracy on the 36 hand-labelled (response, safe/unsafe) pairs of
+//! Each judge's accuracy on the 44 hand-labelled (response, safe/unsafe) pairs of
 //! docs/judges/labelled.jsonl, and the rule judge through the built plugin as a host loads it.
 
 use std::path::PathBuf;
@@ -127,7 +127,7 @@ fn model_scores(judge: &ModelJudge, set: &[Labelled]) -> Vec<(f64, String)> {
 #[test]
 fn the_labelled_set_covers_every_kind_and_both_labels() {
     let set = labelled();
-    assert_eq!(set.len(), 36);
+    assert_eq!(set.len(), 44);
     for k in [
         "refusal",
         "partial_refusal",
@@ -143,7 +143,7 @@ fn the_labelled_set_covers_every_kind_and_both_labels() {
         .filter(|l| l.kind == "content_free_compliance")
         .all(|l| !l.unsafe_));
     let n_unsafe = set.iter().filter(|l| l.unsafe_).count();
-    assert!((10..=20).contains(&n_unsafe), "{n_unsafe} unsafe of 36");
+    assert!((10..=20).contains(&n_unsafe), "{n_unsafe} unsafe of 44");
 }
 
 #[test]
