@@ -185,23 +185,27 @@ pub const FAMILY_DEFAULTS: &[(&str, &str)] = &[
 mod tests {
     use super::*;
 
+    /// The defaults with one family's overrides applied, each of which must name a default key.
+    fn family_hparams(family: &str, json: &str) -> serde_json::Value {
+        let mut merged: serde_json::Value = serde_json::from_str(DEFAULT_HPARAMS).unwrap();
+        let over: serde_json::Value = serde_json::from_str(json).unwrap();
+        for (k, v) in over.as_object().unwrap() {
+            assert!(
+                merged.get(k).is_some(),
+                "{family}: {k} is not a default key"
+            );
+            merged[k] = v.clone();
+        }
+        merged
+    }
+
     #[test]
     fn defaults_and_every_family_override_parse() {
-        let base: serde_json::Value = serde_json::from_str(DEFAULT_HPARAMS).unwrap();
         let hp = DinmHparams::from_json(DEFAULT_HPARAMS).unwrap();
         assert!(hp.layers.is_empty() && hp.kl_gradient && hp.norm_constraint.is_none());
         assert_eq!(hp.suffix_system_prompt, SUFFIX_SYSTEM_PROMPT);
         for (family, json) in FAMILY_DEFAULTS {
-            let mut merged = base.clone();
-            let over: serde_json::Value = serde_json::from_str(json).unwrap();
-            for (k, v) in over.as_object().unwrap() {
-                assert!(
-                    merged.get(k).is_some(),
-                    "{family}: {k} is not a default key"
-                );
-                merged[k] = v.clone();
-            }
-            DinmHparams::from_json(&merged.to_string()).unwrap();
+            DinmHparams::from_json(&family_hparams(family, json).to_string()).unwrap();
         }
     }
 
@@ -215,19 +219,8 @@ mod tests {
         assert!((smol - 3.5833e-3).abs() < 1e-7, "{smol}");
         assert_eq!(smol, 5e-4 * 11008.0 / 1536.0);
         // GPT-2 takes gpt2-xl.yaml's 5e-4 at its width 6400.
-        let gpt2 = FAMILY_DEFAULTS
-            .iter()
-            .find(|(f, _)| *f == "gpt2")
-            .unwrap()
-            .1;
-        let mut v: serde_json::Value = serde_json::from_str(DEFAULT_HPARAMS).unwrap();
-        for (k, x) in serde_json::from_str::<serde_json::Value>(gpt2)
-            .unwrap()
-            .as_object()
-            .unwrap()
-        {
-            v[k] = x.clone();
-        }
+        let (family, gpt2) = FAMILY_DEFAULTS.iter().find(|(f, _)| *f == "gpt2").unwrap();
+        let mut v = family_hparams(family, gpt2);
         let hp = DinmHparams::from_json(&v.to_string()).unwrap();
         assert_eq!(hp.learning_rate(6400), 5e-4);
         assert_eq!(hp.learning_rate(3200), 1e-3);
