@@ -70,7 +70,9 @@ pub struct EvalArgs {
     #[arg(long)]
     pub fresh_baseline: bool,
     /// SafeEdit: the safety judge, `rules` (a judge plugin's judge, by name) or
-    /// `model[:NAME|PATH]` (the model-as-judge on that model, default smollm2-135m-instruct).
+    /// `model[:NAME|PATH][@PROMPT]` (the model-as-judge on that model, default
+    /// smollm2-135m-instruct, asking with PROMPT: safe-or-unsafe (default), harmful-help or
+    /// response-only; docs/judges.md).
     /// Repeat to judge the same responses with several judges (default: rules).
     #[arg(long, value_name = "JUDGE")]
     pub judge: Vec<String>,

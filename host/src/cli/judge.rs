@@ -26,8 +26,9 @@ pub struct JudgeArgs {
     /// records.jsonl are read).
     #[arg(long, value_name = "DIR")]
     pub run: PathBuf,
-    /// A judge to add: `rules` (a judge plugin's judge, by name) or `model[:NAME|PATH]` (the
-    /// model-as-judge). Repeatable.
+    /// A judge to add: `rules` (a judge plugin's judge, by name) or
+    /// `model[:NAME|PATH][@PROMPT]` (the model-as-judge, asking with PROMPT; docs/judges.md).
+    /// Repeatable.
     #[arg(long, value_name = "JUDGE", required = true)]
     pub judge: Vec<String>,
     /// Where the re-judged report goes (a new or empty directory).

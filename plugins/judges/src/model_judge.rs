@@ -18,7 +18,7 @@ use kedit_plugin_api::{
 
 /// A judge prompt: the instruction around each case, the worked examples shown before it, and
 /// the two one-word answers whose first tokens the verdict is read from.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JudgePrompt {
     /// How reports and `--judge model:MODEL@NAME` name it.
     pub name: &'static str,
@@ -377,13 +377,20 @@ mod tests {
 
     #[test]
     fn every_prompt_shows_the_response_and_has_two_answers() {
-        assert_eq!(PROMPTS[0].name, SAFE_OR_UNSAFE.name, "the default comes first");
+        assert_eq!(
+            PROMPTS[0].name, SAFE_OR_UNSAFE.name,
+            "the default comes first"
+        );
         for p in PROMPTS {
             assert!(p.template.contains("{response}"), "{}", p.name);
             assert_ne!(p.safe_answer, p.unsafe_answer, "{}", p.name);
             assert!(p.examples.iter().any(|e| e.2) && p.examples.iter().any(|e| !e.2));
             let filled = p.fill("REQ", "RESP");
-            assert!(filled.contains("RESP") && !filled.contains('{'), "{}", p.name);
+            assert!(
+                filled.contains("RESP") && !filled.contains('{'),
+                "{}",
+                p.name
+            );
             assert_eq!(filled.contains("REQ"), p.reads_request(), "{}", p.name);
         }
         assert!(!RESPONSE_ONLY.reads_request());

@@ -1,4 +1,5 @@
-//! Judge selection for the SafeEdit evaluation (`--judge rules|model[:MODEL]`, repeatable).
+//! Judge selection for the SafeEdit evaluation (`--judge rules|model[:MODEL][@PROMPT]`,
+//! repeatable).
 //!
 //! A plain name is a judge that a judge plugin's `new_judge()` hands out (the judges plugin's
 //! `rules`, or a third party's). `model[:MODEL]` is the model-as-judge: it needs a model, which
@@ -8,7 +9,7 @@
 //! — needs a new API level with a frozen level-3 layout and its compat test; see docs/judges.md.
 
 use anyhow::{bail, Context as _, Result};
-use kedit_judges::model_judge::ModelJudge;
+use kedit_judges::model_judge::{JudgePrompt, ModelJudge, PROMPTS};
 use kedit_plugin_api::{judge_box, JudgeBox, JudgeVerdict};
 use serde::Serialize;
 
@@ -24,8 +25,30 @@ pub const DEFAULT_JUDGE_MODEL: &str = "smollm2-135m-instruct";
 pub enum JudgeSpec {
     /// A judge a judge plugin hands out, by its name.
     Plugin(String),
-    /// The model-as-judge on the model named or at the path.
-    Model(String),
+    /// The model-as-judge on the model named or at the path, asking with the named prompt
+    /// (`kedit_judges::model_judge::PROMPTS`; the first when none is named).
+    Model { model: String, prompt: JudgePrompt },
+}
+
+/// Splits a trailing `@PROMPT` off a model judge's value when it names a judge prompt; a model
+/// path that happens to contain `@` is left whole.
+fn split_prompt(text: &str) -> Result<(&str, JudgePrompt)> {
+    if let Some((model, name)) = text.rsplit_once('@') {
+        if let Some(prompt) = PROMPTS.iter().find(|p| p.name == name) {
+            return Ok((model, *prompt));
+        }
+        if !name.contains('/') && !name.contains('.') {
+            bail!(
+                "--judge {text}: `{name}` is not a judge prompt; the prompts are {}",
+                PROMPTS
+                    .iter()
+                    .map(|p| p.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    Ok((text, PROMPTS[0]))
 }
 
 impl JudgeSpec {
@@ -34,23 +57,38 @@ impl JudgeSpec {
         if text.is_empty() {
             bail!("--judge needs a value: rules, model or model:NAME|PATH");
         }
-        if text == ModelJudge::NAME {
-            return Ok(Self::Model(DEFAULT_JUDGE_MODEL.to_string()));
+        if text == ModelJudge::NAME || text.starts_with("model@") {
+            let (_, prompt) = split_prompt(text)?;
+            return Ok(Self::Model {
+                model: DEFAULT_JUDGE_MODEL.to_string(),
+                prompt,
+            });
         }
-        if let Some(model) = text.strip_prefix("model:") {
+        if let Some(value) = text.strip_prefix("model:") {
+            let (model, prompt) = split_prompt(value.trim())?;
             if model.trim().is_empty() {
                 bail!("--judge {text}: give the judge model after `model:` (a name such as {DEFAULT_JUDGE_MODEL}, or a path)");
             }
-            return Ok(Self::Model(model.trim().to_string()));
+            return Ok(Self::Model {
+                model: model.trim().to_string(),
+                prompt,
+            });
         }
         Ok(Self::Plugin(text.to_string()))
     }
 
-    /// How the judge is named in reports (`rules`, `model:smollm2-135m-instruct`).
+    /// How the judge is named in reports (`rules`, `model:smollm2-135m-instruct`,
+    /// `model:smollm2-135m-instruct@harmful-help`: the default prompt is not named, so runs
+    /// judged before prompts had names keep their labels).
     pub fn label(&self) -> String {
         match self {
             Self::Plugin(name) => name.clone(),
-            Self::Model(model) => format!("{}:{model}", ModelJudge::NAME),
+            Self::Model { model, prompt } if prompt.name == PROMPTS[0].name => {
+                format!("{}:{model}", ModelJudge::NAME)
+            }
+            Self::Model { model, prompt } => {
+                format!("{}:{model}@{}", ModelJudge::NAME, prompt.name)
+            }
         }
     }
 }
@@ -131,7 +169,9 @@ pub fn open_judges(registry: &Registry, specs: &[JudgeSpec], device: &str) -> Re
         }
         judges.push(match spec {
             JudgeSpec::Plugin(name) => plugin_judge(registry, name)?,
-            JudgeSpec::Model(model) => model_judge(registry, model, device)?,
+            JudgeSpec::Model { model, prompt } => {
+                model_judge(registry, model, *prompt, &label, device)?
+            }
         });
     }
     Ok(judges)
@@ -164,7 +204,13 @@ fn plugin_judge(registry: &Registry, name: &str) -> Result<Judge> {
     )
 }
 
-fn model_judge(registry: &Registry, model: &str, device: &str) -> Result<Judge> {
+fn model_judge(
+    registry: &Registry,
+    model: &str,
+    prompt: JudgePrompt,
+    label: &str,
+    device: &str,
+) -> Result<Judge> {
     let path = resolve_model(model).with_context(|| format!("--judge model:{model}"))?;
     let spec = OpenSpec {
         path: path.clone(),
@@ -173,10 +219,10 @@ fn model_judge(registry: &Registry, model: &str, device: &str) -> Result<Judge> 
     };
     let handle = ModelHandle::open(registry, &spec)
         .with_context(|| format!("--judge model:{model}: cannot open the judge model"))?;
-    let judge = ModelJudge::new(handle.into_abi())
-        .with_context(|| format!("--judge model:{model}: cannot build the model judge"))?;
+    let judge = ModelJudge::with_prompt(handle.into_abi(), prompt)
+        .with_context(|| format!("--judge {label}: cannot build the model judge"))?;
     Ok(Judge {
-        label: format!("{}:{model}", ModelJudge::NAME),
+        label: label.to_string(),
         source: path.display().to_string(),
         judge: judge_box(judge),
     })
@@ -193,9 +239,27 @@ mod tests {
             JudgeSpec::Plugin("rules".into())
         );
         assert_eq!(
-            JudgeSpec::parse("model").unwrap(),
-            JudgeSpec::Model(DEFAULT_JUDGE_MODEL.into())
+            JudgeSpec::parse("model").unwrap().label(),
+            format!("model:{DEFAULT_JUDGE_MODEL}")
         );
+        assert_eq!(
+            JudgeSpec::parse("model@harmful-help").unwrap().label(),
+            format!("model:{DEFAULT_JUDGE_MODEL}@harmful-help")
+        );
+        assert_eq!(
+            JudgeSpec::parse("model:qwen2.5-coder-0.5b-instruct@safe-or-unsafe")
+                .unwrap()
+                .label(),
+            "model:qwen2.5-coder-0.5b-instruct",
+            "the default prompt is not named in the label"
+        );
+        assert_eq!(
+            JudgeSpec::parse("model:/runs/a@b/m.gguf").unwrap().label(),
+            "model:/runs/a@b/m.gguf",
+            "an `@` inside a path is part of the path"
+        );
+        let err = JudgeSpec::parse("model@nope").unwrap_err().to_string();
+        assert!(err.contains("harmful-help"), "{err}");
         assert_eq!(
             JudgeSpec::parse("model:/x/y.gguf").unwrap().label(),
             "model:/x/y.gguf"
