@@ -13,7 +13,7 @@ env = dict(os.environ)
 for i, r in enumerate(data):
     for kind, prompt in [('rel', r['src'] + ' ' + r['alt']), ('gen', r['rephrase'] + ' ' + r['alt']), ('loc', r['loc'] + ' ' + r['loc_ans'])]:
         p = subprocess.run([kedit, 'generate', '--load', state,
-                            '--prompt', prompt, '--max-new-tokens', '1', '--explain'], capture_output=True, text=True, env=env)
+                            '--prompt=' + prompt, '--max-new-tokens', '1', '--explain'], capture_output=True, text=True, env=env)
         ex = [json.loads(l[len('explain: '):]) for l in p.stdout.splitlines() if l.startswith('explain: ')]
         if not ex:
             print(i, kind, 'no explanation', p.stderr[-500:], file=sys.stderr); continue
