@@ -46,16 +46,16 @@ pub struct EditInputArgs {
     #[arg(long, value_name = "FILE.toml")]
     pub hparams: Option<PathBuf>,
     /// One inline request: the prompt to edit.
-    #[arg(long, requires = "target")]
+    #[arg(long, allow_hyphen_values = true, requires = "target")]
     pub prompt: Option<String>,
     /// The subject inside --prompt.
-    #[arg(long, requires = "prompt")]
+    #[arg(long, allow_hyphen_values = true, requires = "prompt")]
     pub subject: Option<String>,
     /// The new answer for --prompt.
-    #[arg(long, requires = "prompt")]
+    #[arg(long, allow_hyphen_values = true, requires = "prompt")]
     pub target: Option<String>,
     /// The current answer for --prompt.
-    #[arg(long, requires = "prompt")]
+    #[arg(long, allow_hyphen_values = true, requires = "prompt")]
     pub ground_truth: Option<String>,
     /// Send all requests in one edit call (default: one call per request, cumulatively).
     #[arg(long)]

@@ -14,7 +14,7 @@ pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Text to continue.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub prompt: Option<String>,
     /// Token ids to continue, comma-separated (works without a tokenizer).
     #[arg(long, value_delimiter = ',', num_args = 1..)]

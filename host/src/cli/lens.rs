@@ -23,7 +23,7 @@ pub struct LensArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// The prompt to decode.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub prompt: String,
     /// Tokens kept per stream and position.
     #[arg(long, default_value_t = 5)]

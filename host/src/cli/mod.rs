@@ -130,3 +130,56 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Demo(args) => demo::run(&context, args),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Dataset text may start with a dash (ZsRE's "- Martha Neumark's date of birth?"); a prompt
+    /// given on the command line must not be taken for an option.
+    #[test]
+    fn text_values_may_start_with_a_dash() {
+        let cli = Cli::try_parse_from([
+            "kedit",
+            "generate",
+            "--model",
+            "m",
+            "--prompt",
+            "- Martha Neumark's date of birth?",
+            "--max-new-tokens",
+            "1",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Generate(a) => {
+                assert_eq!(
+                    a.prompt.as_deref(),
+                    Some("- Martha Neumark's date of birth?")
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from([
+            "kedit",
+            "edit",
+            "--model",
+            "m",
+            "--method",
+            "rome",
+            "--prompt",
+            "-x is in",
+            "--subject",
+            "-x",
+            "--target",
+            "-1",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Edit(a) => {
+                assert_eq!(a.input.subject.as_deref(), Some("-x"));
+                assert_eq!(a.input.target.as_deref(), Some("-1"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -41,13 +41,13 @@ pub struct TraceArgs {
     #[arg(long, default_value = "rome")]
     pub method: String,
     /// One prompt to trace.
-    #[arg(long, requires_all = ["subject", "answer"], conflicts_with = "data")]
+    #[arg(long, allow_hyphen_values = true, requires_all = ["subject", "answer"], conflicts_with = "data")]
     pub prompt: Option<String>,
     /// The subject inside --prompt (its tokens are corrupted).
-    #[arg(long, requires = "prompt")]
+    #[arg(long, allow_hyphen_values = true, requires = "prompt")]
     pub subject: Option<String>,
     /// The true answer of --prompt (its first token is measured).
-    #[arg(long, requires = "prompt")]
+    #[arg(long, allow_hyphen_values = true, requires = "prompt")]
     pub answer: Option<String>,
     /// Records to trace (ROME's known facts, CounterFact, ...); the average goes to summary.json.
     #[arg(long, value_name = "FILE")]
