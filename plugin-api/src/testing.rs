@@ -118,6 +118,12 @@ pub fn fixture_with_tokenizer(src: &Path, dst: &Path, tokenizer_json: &str) {
     std::fs::create_dir_all(dst).unwrap_or_else(|e| panic!("creating {}: {e}", dst.display()));
     for f in ["config.json", "model.safetensors"] {
         let (from, to) = (src.join(f), dst.join(f));
+        // A link to a missing file would only fail later, as a model no plugin recognises.
+        assert!(
+            from.is_file(),
+            "fixture file {} is missing: the tests read ../shared next to the repository",
+            from.display()
+        );
         #[cfg(unix)]
         let linked = std::os::unix::fs::symlink(&from, &to);
         #[cfg(not(unix))]
