@@ -9,6 +9,7 @@ mod common;
 use common::{mock_registry, request, SITE};
 use kedit::cancel::CancelFlag;
 use kedit::editor::EditorHandle;
+use kedit::eval::heldout::HeldOut;
 use kedit::eval::protocol::{self, EditContext, Protocol, ProtocolOptions, RunResult};
 use kedit::eval::score::ScoreSettings;
 use kedit::model::{ModelHandle, OpenSpec};
@@ -27,6 +28,15 @@ fn with_locality(id: &str, prompt: &str) -> EditRequest {
 }
 
 fn run(requests: &[EditRequest], options: ProtocolOptions) -> (RunResult, f32) {
+    run_with_corpus(requests, options, None).unwrap()
+}
+
+/// The protocol, with the held-out perplexity over `corpus` (one document per line) if given.
+fn run_with_corpus(
+    requests: &[EditRequest],
+    options: ProtocolOptions,
+    corpus: Option<&str>,
+) -> anyhow::Result<(RunResult, f32)> {
     let registry = mock_registry();
     let mut model = ModelHandle::open(
         &registry,
@@ -52,12 +62,24 @@ fn run(requests: &[EditRequest], options: ProtocolOptions) -> (RunResult, f32) {
         hparams_json: "{}".into(),
         cancel: CancelFlag::new(),
     };
+    let dir = tempfile::tempdir().unwrap();
+    let held_out = corpus.map(|text| {
+        let file = dir.path().join("corpus.txt");
+        std::fs::write(&file, text).unwrap();
+        HeldOut::load(&model, &file, 2, 16).unwrap()
+    });
     let result = protocol::run(
-        &mut model, &mut edit, requests, &pre, &settings, &options, false,
-    )
-    .unwrap();
+        &mut model,
+        &mut edit,
+        requests,
+        &pre,
+        &settings,
+        &options,
+        held_out.as_ref(),
+        false,
+    )?;
     let sum = model.read_weight(SITE).unwrap().as_slice().iter().sum();
-    (result, sum)
+    Ok((result, sum))
 }
 
 fn locality(r: &RunResult, i: usize) -> f64 {
@@ -112,6 +134,44 @@ fn sequential_evaluates_on_the_final_model_and_eval_each_right_after_each_edit()
         (locality(&r, 0), locality(&r, 1), locality(&r, 2)),
         (0.0, 0.0, 0.0)
     );
+}
+
+#[test]
+fn sequential_measures_the_corpus_perplexity_before_the_first_edit_and_after_the_last() {
+    let options = ProtocolOptions {
+        protocol: Protocol::Sequential,
+        batch_size: 1,
+        eval_each: false,
+    };
+    // Only the last two lines are held out. The mock's tokens are bytes and its vocabulary 0–3.
+    let corpus = "not read\n\u{1}\u{2}\u{3}\u{0}\u{1}\u{2}\n\u{2}\u{2}\u{1}\n";
+    let (r, sum) = run_with_corpus(&requests(), options.clone(), Some(corpus)).unwrap();
+    assert_eq!(sum, 0.0, "the model is left as it was found");
+    let p = r.perplexity.expect("a perplexity corpus was given");
+    assert_eq!(p.held_out.docs.len(), 2);
+    let post = p.post.expect("the run finished");
+    assert!(p.pre.is_finite() && post.is_finite());
+    // Two applied bumps move the mock's argmax away from every token's prediction.
+    assert_ne!(p.pre, post, "the final model is what is measured");
+    // Without a corpus nothing is measured.
+    let (r, _) = run(&requests(), options);
+    assert!(r.perplexity.is_none());
+}
+
+#[test]
+fn perplexity_needs_edits_that_accumulate() {
+    for protocol in [Protocol::Single, Protocol::Batch] {
+        let options = ProtocolOptions {
+            protocol,
+            batch_size: 1,
+            eval_each: false,
+        };
+        let err = run_with_corpus(&requests(), options, Some("\u{1}\u{2}\n")).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("needs the sequential protocol"),
+            "{err:#}"
+        );
+    }
 }
 
 #[test]

@@ -16,6 +16,7 @@ use crate::config::EvalConfig;
 use crate::data::{load_requests, DataFormat, Window};
 use crate::editor::EditorHandle;
 use crate::eval::baseline::{self, Baseline};
+use crate::eval::heldout::HeldOut;
 use crate::eval::protocol::{self, EditContext, Protocol, ProtocolOptions};
 use crate::eval::report::{self, EvalRun};
 use crate::eval::score::ScoreSettings;
@@ -79,14 +80,15 @@ pub struct EvalArgs {
     /// SafeEdit: new tokens per response (default: the method's `max_output_length`, else 600).
     #[arg(long, value_name = "N")]
     pub max_new_tokens: Option<usize>,
-    /// SafeEdit: a text corpus, one document per line, whose last --ppl-docs lines give the
-    /// held-out perplexity before and after each edit.
+    /// A text corpus, one document per line, whose last --ppl-docs lines give the held-out
+    /// perplexity: SafeEdit, before and after each edit; sequential protocol, before the first
+    /// edit and after the last.
     #[arg(long, value_name = "FILE")]
     pub ppl_corpus: Option<PathBuf>,
-    /// SafeEdit: documents in the held-out perplexity slice.
+    /// Documents in the held-out perplexity slice.
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub ppl_docs: usize,
-    /// SafeEdit: tokens per held-out document (longer ones are cut).
+    /// Tokens per held-out document (longer ones are cut).
     #[arg(long, value_name = "N", default_value_t = 128)]
     pub ppl_max_tokens: usize,
 }
@@ -188,8 +190,15 @@ pub fn run(context: &Context, args: EvalArgs) -> Result<ExitCode> {
     if format == DataFormat::Safeedit {
         return safeedit_eval::run(context, &args, &plan, &requests, started);
     }
-    if !args.judge.is_empty() || args.max_new_tokens.is_some() || args.ppl_corpus.is_some() {
-        bail!("--judge, --max-new-tokens and --ppl-corpus apply to --format safeedit only");
+    if !args.judge.is_empty() || args.max_new_tokens.is_some() {
+        bail!("--judge and --max-new-tokens apply to --format safeedit only");
+    }
+    if args.ppl_corpus.is_some() && plan.options.protocol != Protocol::Sequential {
+        bail!(
+            "--ppl-corpus needs --protocol sequential outside SafeEdit: under `{}` each edit is \
+             undone before the next, so there is no edited model to measure",
+            plan.options.protocol.name()
+        );
     }
     let registry = context.registry()?;
     let (plugin, method) = registry.editor_for_method(&plan.method)?;
@@ -257,6 +266,15 @@ pub fn run(context: &Context, args: EvalArgs) -> Result<ExitCode> {
         }
     };
 
+    let held_out = match &args.ppl_corpus {
+        Some(file) => Some(HeldOut::load(
+            &model,
+            file,
+            args.ppl_docs,
+            args.ppl_max_tokens,
+        )?),
+        None => None,
+    };
     let cancel = CancelFlag::new();
     cancel.install_ctrlc_handler();
     let mut edit = EditContext {
@@ -272,6 +290,7 @@ pub fn run(context: &Context, args: EvalArgs) -> Result<ExitCode> {
         &pre.scores,
         &plan.settings,
         &plan.options,
+        held_out.as_ref(),
         true,
     )?;
     let settings = json!({

@@ -2,6 +2,7 @@
 
 mod bench;
 mod circuit;
+mod compare;
 mod context;
 mod demo;
 mod edit;
@@ -93,6 +94,9 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Write a model (after applying the config's edits, if any) to a directory.
     Export(export::ExportArgs),
+    /// Compare finished evaluations: their metrics against the number of edits (the
+    /// metrics-versus-T chart of lifelong editing) and a table.
+    Compare(compare::CompareArgs),
     /// Judge the responses of a finished SafeEdit evaluation again with other judges (nothing is
     /// generated), into a new report.
     Judge(judge::JudgeArgs),
@@ -121,6 +125,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Edit(args) => edit::run(&context, args),
         Command::Eval(args) => eval::run(&context, args),
         Command::Export(args) => export::run(&context, args),
+        Command::Compare(args) => compare::run(args),
         Command::Judge(args) => judge::run(&context, args),
         Command::Trace(args) => trace::run(&context, args),
         Command::Circuit(args) => circuit::run(&context, args),

@@ -28,6 +28,9 @@ pub struct Chart {
     pub y_range: Option<(f64, f64)>,
     /// Draw points as well as lines (few points).
     pub points: bool,
+    /// Place x on a log10 scale (points' x must be positive; ticks still show x itself), for
+    /// x spanning orders of magnitude such as T = 1, 10, 100, 500 edits.
+    pub x_log10: bool,
 }
 
 const FONT_CANDIDATES: &[&str] = &[
@@ -79,7 +82,14 @@ where
     let text = font_available();
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("cannot draw the chart: {e:?}");
     root.fill(&WHITE).map_err(err)?;
-    let all = chart.series.iter().flat_map(|s| s.points.iter());
+    // On a log axis the chart is drawn in log10(x) and the tick labels turned back into x.
+    let place = |x: f64| if chart.x_log10 { x.log10() } else { x };
+    let placed: Vec<Vec<(f64, f64)>> = chart
+        .series
+        .iter()
+        .map(|s| s.points.iter().map(|&(x, y)| (place(x), y)).collect())
+        .collect();
+    let all = placed.iter().flatten();
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
     for &(x, y) in all {
         if x.is_finite() && y.is_finite() {
@@ -95,6 +105,11 @@ where
     if x1 - x0 < 1e-9 {
         x0 -= 0.5;
         x1 += 0.5;
+    } else if chart.x_log10 {
+        // Room for the first and last points' markers.
+        let pad = (x1 - x0) * 0.04;
+        x0 -= pad;
+        x1 += pad;
     }
     let (y0, y1) = match chart.y_range {
         Some(r) => r,
@@ -113,6 +128,17 @@ where
     }
     let mut ctx = builder.build_cartesian_2d(x0..x1, y0..y1).map_err(err)?;
     let mut mesh = ctx.configure_mesh();
+    let log_tick = |x: &f64| {
+        let v = 10f64.powf(*x);
+        if v >= 10.0 {
+            format!("{v:.0}")
+        } else {
+            format!("{v:.1}")
+        }
+    };
+    if chart.x_log10 {
+        mesh.x_label_formatter(&log_tick);
+    }
     if text {
         mesh.x_desc(chart.x_label.as_str())
             .y_desc(chart.y_label.as_str())
@@ -121,11 +147,10 @@ where
         mesh.disable_x_axis().disable_y_axis();
     }
     mesh.draw().map_err(err)?;
-    for (i, s) in chart.series.iter().enumerate() {
+    for (i, (s, placed)) in chart.series.iter().zip(&placed).enumerate() {
         let color = COLORS[s.color.unwrap_or(i) % COLORS.len()];
         let style = color.stroke_width(2);
-        let points: Vec<(f64, f64)> = s
-            .points
+        let points: Vec<(f64, f64)> = placed
             .iter()
             .copied()
             .filter(|(x, y)| x.is_finite() && y.is_finite())
@@ -202,6 +227,7 @@ mod tests {
             ],
             y_range: Some((0.0, 1.05)),
             points: true,
+            x_log10: false,
         };
         write_chart(dir.path(), "m", &chart).unwrap();
         let png = std::fs::read(dir.path().join("m.png")).unwrap();

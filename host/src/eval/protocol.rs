@@ -14,11 +14,12 @@
 use std::io::{self, IsTerminal};
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{bail, Context as _, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use kedit_plugin_api::EditRequest;
 use serde::{Deserialize, Serialize};
 
+use super::heldout::HeldOut;
 use super::score::{score_request, RecordScore, ScoreSettings};
 use crate::cancel::CancelFlag;
 use crate::editor::EditorHandle;
@@ -81,6 +82,18 @@ pub struct RunResult {
     pub seconds: f64,
     pub model_broken: bool,
     pub cancelled: bool,
+    /// The held-out corpus perplexity before the first edit and after the last (sequential
+    /// protocol with a perplexity corpus).
+    pub perplexity: Option<PerplexityChange>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PerplexityChange {
+    pub held_out: HeldOut,
+    pub pre: f64,
+    /// None when the run stopped before its final evaluation (cancelled, or the model broke).
+    pub post: Option<f64>,
+    pub seconds: f64,
 }
 
 /// The editor and how to call it.
@@ -142,9 +155,17 @@ pub fn run(
     pre: &[RecordScore],
     settings: &ScoreSettings,
     options: &ProtocolOptions,
+    held_out: Option<&HeldOut>,
     show_progress: bool,
 ) -> Result<RunResult> {
     let started = Instant::now();
+    if held_out.is_some() && options.protocol != Protocol::Sequential {
+        bail!(
+            "a perplexity corpus needs the sequential protocol: under `{}` every edit is undone \
+             before the next, so there is no edited model to measure",
+            options.protocol.name()
+        );
+    }
     let size = match options.protocol {
         Protocol::Single => 1,
         _ => options.batch_size.max(1),
@@ -159,6 +180,16 @@ pub fn run(
     let bar = bar((groups.len() + final_evals) as u64, show_progress);
     bar.set_prefix(options.protocol.name());
     let mut run = RunResult::default();
+    if let Some(h) = held_out {
+        let t = Instant::now();
+        let pre = h.perplexity(model).context("pre-edit corpus perplexity")?;
+        run.perplexity = Some(PerplexityChange {
+            held_out: h.clone(),
+            pre,
+            post: None,
+            seconds: t.elapsed().as_secs_f64(),
+        });
+    }
     let initial_mark = model.journal_mark()?;
     for (g, group) in groups.iter().enumerate() {
         if edit.cancel.is_requested() || run.model_broken {
@@ -264,6 +295,14 @@ pub fn run(
             result.eval_seconds += seconds;
             run.eval_seconds += seconds;
             bar.inc(1);
+        }
+        if let (Some(h), Some(change)) = (held_out, run.perplexity.as_mut()) {
+            let t = Instant::now();
+            change.post = Some(
+                h.perplexity(model)
+                    .context("corpus perplexity after the last edit")?,
+            );
+            change.seconds += t.elapsed().as_secs_f64();
         }
         // Leave the model as it was found.
         model.journal_rollback(initial_mark)?;

@@ -120,6 +120,16 @@ pub fn summary(e: &EvalRun) -> Value {
             "total_seconds": e.total_seconds,
         },
         "baseline_cache": e.baseline_file,
+        "corpus_perplexity": e.run.perplexity.as_ref().map(|p| json!({
+            "file": p.held_out.file,
+            "docs": p.held_out.docs.len(),
+            "tokens": p.held_out.tokens,
+            "max_tokens": p.held_out.max_tokens,
+            "pre": number(p.pre),
+            "post": p.post.map(number),
+            "relative_change": p.post.map(|post| number(post / p.pre - 1.0)),
+            "seconds": p.seconds,
+        })),
     })
 }
 
@@ -254,6 +264,23 @@ pub fn markdown(summary: &Value) -> String {
             }
         }
     }
+    let p = &summary["corpus_perplexity"];
+    if !p.is_null() {
+        let _ =
+            writeln!(
+            md,
+            "\nCorpus perplexity (the last {} documents of `{}`, {} tokens): {} before the first \
+             edit, {} after the last ({}).",
+            p["docs"],
+            p["file"].as_str().unwrap_or("?"),
+            p["tokens"],
+            fmt(&p["pre"]),
+            fmt(&p["post"]),
+            p["relative_change"]
+                .as_f64()
+                .map_or("not measured".to_string(), |r| format!("{:+.2}%", 100.0 * r)),
+        );
+    }
     let c = &summary["counts"];
     let t = &summary["timing"];
     let e = &t["edit_seconds"];
@@ -365,6 +392,7 @@ pub fn charts(dir: &Path, e: &EvalRun) -> Result<()> {
             series,
             y_range: Some((0.0, 1.05)),
             points: e.requests.len() <= 60,
+            x_log10: false,
         },
     )
     .context("cannot write metrics_vs_edits")?;
@@ -390,6 +418,7 @@ pub fn charts(dir: &Path, e: &EvalRun) -> Result<()> {
             }],
             y_range: None,
             points: true,
+            x_log10: false,
         },
     )
     .context("cannot write edit_time")?;

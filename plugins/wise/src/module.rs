@@ -129,6 +129,9 @@ pub struct RowDecision {
     /// Score of each candidate memory (`side`, `merged`, `memory.i`).
     pub scores: Vec<(String, f32)>,
     pub tokens_scored: usize,
+    /// Each candidate's distance at every token of this call (the scores' ingredients, in the
+    /// order of `scores`): shows which tokens drive a decision.
+    pub token_distances: Vec<Vec<f32>>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -406,6 +409,7 @@ impl WiseModule {
                 } else {
                     hi - lo
                 },
+                token_distances: dists,
             });
         }
         *self

@@ -27,10 +27,11 @@ use kedit_plugin_api::EditRequest;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use self::general::{answer_distributions, mean_kl, HeldOut};
+use self::general::{answer_distributions, mean_kl};
 use self::inputs::{case_inputs, knowledge_ids, render, respond, CaseInputs, Rendering};
 use self::judging::{Judge, Verdict};
 use super::protocol::{bar, log_progress, EditContext};
+use crate::eval::heldout::HeldOut;
 use crate::model::ModelHandle;
 use crate::session::{EditSession, SessionOptions, Status};
 
