@@ -68,6 +68,11 @@ pub struct WiseHparams {
     pub context_templates: Option<Vec<String>>,
     /// Seed of the shard masks and of DARE's random drops.
     pub seed: u64,
+    /// A file of irrelevant inputs for the routing loss (EasyEdit's `loc_prompts`; edit i uses
+    /// entry i mod n): a JSON array of strings or of ZsRE records (`loc` + `loc_ans`), or text
+    /// with one per line. Absent: each request's own locality prompt (which Loc then scores).
+    #[serde(default)]
+    pub irrelevant_prompts: Option<String>,
 }
 
 fn training_rows() -> ThresholdFrom {
@@ -173,7 +178,8 @@ pub const DEFAULT_HPARAMS: &str = r#"{
   "replay": false,
   "use_chat_template": false,
   "context_templates": null,
-  "seed": 0
+  "seed": 0,
+  "irrelevant_prompts": null
 }"#;
 
 /// Per-family overrides, following EasyEdit's WISE files: GPT-2 edits `c_fc` (the up

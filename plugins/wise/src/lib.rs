@@ -8,6 +8,7 @@
 //! from the installed module's `explain()` (which names the snapshot).
 
 pub mod hparams;
+pub mod irrelevant;
 pub mod merge;
 pub mod module;
 pub mod score;
@@ -82,6 +83,8 @@ pub struct WiseEditor {
     registry: HashMap<u64, (Weak<Snapshot>, u64)>,
     /// Context templates generated from the unedited model, once per editor (EasyEdit's cache).
     templates: Option<Vec<String>>,
+    /// `irrelevant_prompts` as read, with the path it was read from (read once per editor).
+    irrelevant: Option<(String, Arc<Vec<String>>)>,
     /// The traces of the last edit call (for tests and parity checks).
     pub last_traces: Vec<EditTrace>,
 }
@@ -235,6 +238,17 @@ impl WiseEditor {
             }
         };
         state.templates = templates.clone();
+        let irrelevant_prompts = match &hp.irrelevant_prompts {
+            None => None,
+            Some(path) => match &self.irrelevant {
+                Some((cached, prompts)) if cached == path => Some(prompts.clone()),
+                _ => {
+                    let prompts = Arc::new(irrelevant::load(std::path::Path::new(path))?);
+                    self.irrelevant = Some((path.clone(), prompts.clone()));
+                    Some(prompts)
+                }
+            },
+        };
 
         if let Some((_, module_id)) = &installed {
             model.remove_module(*module_id)?;
@@ -252,7 +266,11 @@ impl WiseEditor {
                 let n = state.out_dim * state.in_dim;
                 state.mask = Some(Arc::new(train::draw_mask(n, hp.mask_ratio, hp.seed, shard)));
             }
-            let eb = train::build_batch(model, &facts, request, &templates, hp)?;
+            let irrelevant = irrelevant_prompts.as_ref().map(|p| {
+                let at = (state.editing_total_cnt % p.len() as u64) as usize;
+                p[at].as_str()
+            });
+            let eb = train::build_batch(model, &facts, request, &templates, irrelevant, hp)?;
             let handle = model.prepare(&eb.batch, hp.layer)?;
             let trained = train::train_one(
                 model,

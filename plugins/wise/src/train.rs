@@ -42,20 +42,26 @@ pub fn build_batch(
     facts: &ModelFacts,
     request: &EditRequest,
     templates: &[String],
+    irrelevant: Option<&str>,
     hp: &WiseHparams,
 ) -> Result<EditBatch, PluginError> {
     let who = || format!("wise: request '{}'", request.id);
-    let loc = request.locality.first().ok_or_else(|| {
-        PluginError::invalid(format!(
-            "{}: WISE needs an irrelevant prompt for its routing loss, and the request has no \
-             locality prompt",
-            who()
-        ))
-    })?;
-    let loc_text = if loc.answer.is_empty() {
-        loc.prompt.to_string()
-    } else {
-        format!("{} {}", loc.prompt, loc.answer)
+    let loc_text = match irrelevant {
+        Some(text) => text.to_string(),
+        None => {
+            let loc = request.locality.first().ok_or_else(|| {
+                PluginError::invalid(format!(
+                    "{}: WISE needs an irrelevant prompt for its routing loss: give \
+                     `irrelevant_prompts` or a request with a locality prompt",
+                    who()
+                ))
+            })?;
+            if loc.answer.is_empty() {
+                loc.prompt.to_string()
+            } else {
+                format!("{} {}", loc.prompt, loc.answer)
+            }
+        }
     };
     let (prompt, target) = (request.prompt.as_str(), request.target_new.as_str());
     if prompt.is_empty() || target.is_empty() {

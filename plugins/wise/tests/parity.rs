@@ -253,8 +253,15 @@ fn wise_matches_easyedit_iteration_by_iteration_on_smollm2() {
         .enumerate()
     {
         // Tokens and labels exactly as EasyEdit's `tokenize` made them.
-        let eb =
-            train::build_batch(&client, &facts, request, &["{}".to_string()], &hparams).unwrap();
+        let eb = train::build_batch(
+            &client,
+            &facts,
+            request,
+            &["{}".to_string()],
+            None,
+            &hparams,
+        )
+        .unwrap();
         let ids: Vec<Vec<i64>> = serde_json::from_value(fe["input_ids"].clone()).unwrap();
         let mask: Vec<Vec<i64>> = serde_json::from_value(fe["attention_mask"].clone()).unwrap();
         for (r, (row, m)) in ids.iter().zip(&mask).enumerate() {

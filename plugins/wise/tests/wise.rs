@@ -702,3 +702,59 @@ fn sequential_edits_stay_routed(threshold_from: &str) {
         );
     }
 }
+
+/// The out-of-scope scores of each iteration of the last edit.
+fn out_scope_scores(editor: &WiseEditor) -> Vec<f32> {
+    editor.last_traces[0]
+        .iterations
+        .iter()
+        .map(|i| i.out_scope_score)
+        .collect()
+}
+
+#[test]
+fn irrelevant_prompts_replace_the_requests_own_locality_prompt() {
+    let tmp = tempfile::tempdir().unwrap();
+    let same = tmp.path().join("same.txt");
+    std::fs::write(&same, format!("{UNRELATED}\n")).unwrap();
+    let other = tmp.path().join("other.json");
+    std::fs::write(
+        &other,
+        r#"[{"loc": "w400 w401", "loc_ans": "w402"}, "w403 w404"]"#,
+    )
+    .unwrap();
+    let run = |reqs: &[EditRequest], file: Option<&Path>| {
+        let dir = tiny_dir();
+        let mut model = open(dir.path());
+        let mut editor = WiseEditor::default();
+        let mut client = ModelClient::new(model.sabi_reborrow_mut());
+        let over = match file {
+            Some(f) => serde_json::json!({ "irrelevant_prompts": f.to_str().unwrap() }),
+            None => serde_json::json!({}),
+        };
+        edit(&mut editor, &mut client, reqs, &hparams(over)).map(|_| out_scope_scores(&editor))
+    };
+    let req = request("a", EDITED, "w205", UNRELATED);
+    let own = run(std::slice::from_ref(&req), None).unwrap();
+    // The same text from the file trains exactly as the request's own locality prompt.
+    assert_eq!(run(std::slice::from_ref(&req), Some(&same)).unwrap(), own);
+    // Another text is another irrelevant row.
+    let from_file = run(std::slice::from_ref(&req), Some(&other)).unwrap();
+    assert_ne!(from_file, own);
+    // A request without a locality prompt needs the file.
+    let mut bare = req.clone();
+    bare.locality = Vec::new().into();
+    let e = run(std::slice::from_ref(&bare), None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("irrelevant_prompts"), "{e}");
+    assert_eq!(
+        run(std::slice::from_ref(&bare), Some(&other)).unwrap(),
+        from_file
+    );
+    // A missing file is named.
+    let e = run(&[req], Some(&tmp.path().join("missing.json")))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing.json"), "{e}");
+}
