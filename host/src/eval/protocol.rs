@@ -147,7 +147,9 @@ pub fn evaluate_all(
     Ok(out)
 }
 
-/// Runs `options.protocol` over `requests`; `pre` is the pre-edit baseline (one per request).
+/// Runs `options.protocol` over `requests`; `pre` is the pre-edit baseline (one per request);
+/// `held_out`, if given, is measured before the first edit and after the last (sequential only).
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     model: &mut ModelHandle,
     edit: &mut EditContext<'_>,
