@@ -58,35 +58,36 @@ fn sequential_runs_report_corpus_perplexity_and_compare_charts_them_against_t() 
         corpus.to_str().unwrap(),
         hp.to_str().unwrap(),
     );
+    // What every evaluation here shares.
+    let common = [
+        "--model",
+        model,
+        "--method",
+        "ft",
+        "--hparams",
+        hp,
+        "--data",
+        data,
+        "--format",
+        "zsre",
+        "--no-fluency",
+        "--ppl-corpus",
+        corpus,
+    ];
     let mut runs = Vec::new();
     for t in ["1", "3"] {
         let out = dir.join(format!("T{t}"));
-        let o = eval(
-            dir,
-            &[
-                "--model",
-                model,
-                "--method",
-                "ft",
-                "--hparams",
-                hp,
-                "--data",
-                data,
-                "--format",
-                "zsre",
-                "--protocol",
-                "sequential",
-                "--limit",
-                t,
-                "--no-fluency",
-                "--ppl-corpus",
-                corpus,
-                "--ppl-docs",
-                "2",
-                "--out",
-                out.to_str().unwrap(),
-            ],
-        );
+        let rest = [
+            "--protocol",
+            "sequential",
+            "--limit",
+            t,
+            "--ppl-docs",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        let o = eval(dir, &[&common[..], &rest].concat());
         assert!(
             o.status.success(),
             "eval T = {t}: {}",
@@ -112,25 +113,9 @@ fn sequential_runs_report_corpus_perplexity_and_compare_charts_them_against_t() 
     );
 
     // A perplexity corpus needs edits that accumulate.
-    let o = eval(
-        dir,
-        &[
-            "--model",
-            model,
-            "--method",
-            "ft",
-            "--hparams",
-            hp,
-            "--data",
-            data,
-            "--protocol",
-            "single",
-            "--ppl-corpus",
-            corpus,
-            "--out",
-            dir.join("single").to_str().unwrap(),
-        ],
-    );
+    let single = dir.join("single");
+    let rest = ["--protocol", "single", "--out", single.to_str().unwrap()];
+    let o = eval(dir, &[&common[..], &rest].concat());
     assert!(!o.status.success());
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("--protocol sequential"),
