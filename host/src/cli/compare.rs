@@ -14,6 +14,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use serde_json::{json, Value};
 
+use super::read_json;
 use crate::eval::chart::{write_chart, Chart, Series};
 use crate::eval::score::METRIC_ORDER;
 use crate::save::{check_output_dir, write_dir_atomically};
@@ -43,15 +44,8 @@ struct Run {
 
 fn read_run(dir: &Path) -> Result<Run> {
     let file = dir.join("summary.json");
-    let text = std::fs::read_to_string(&file).with_context(|| {
-        format!(
-            "cannot read {} (is {} a kedit eval output?)",
-            file.display(),
-            dir.display()
-        )
-    })?;
-    let summary: Value = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not valid JSON", file.display()))?;
+    let summary =
+        read_json(&file).with_context(|| format!("is {} a kedit eval output?", dir.display()))?;
     if summary["metrics"].as_object().is_none() {
         bail!(
             "{}: no `metrics` table (a SafeEdit run? compare reads the knowledge-editing report)",

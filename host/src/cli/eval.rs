@@ -193,12 +193,9 @@ pub fn run(context: &Context, args: EvalArgs) -> Result<ExitCode> {
     if !args.judge.is_empty() || args.max_new_tokens.is_some() {
         bail!("--judge and --max-new-tokens apply to --format safeedit only");
     }
-    if args.ppl_corpus.is_some() && plan.options.protocol != Protocol::Sequential {
-        bail!(
-            "--ppl-corpus needs --protocol sequential outside SafeEdit: under `{}` each edit is \
-             undone before the next, so there is no edited model to measure",
-            plan.options.protocol.name()
-        );
+    if args.ppl_corpus.is_some() {
+        // Before the model loads and the baseline runs, not after.
+        protocol::check_held_out(plan.options.protocol)?;
     }
     let registry = context.registry()?;
     let (plugin, method) = registry.editor_for_method(&plan.method)?;

@@ -15,7 +15,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::Args;
 use serde_json::{json, Value};
 
-use super::Context;
+use super::{read_json, Context};
 use crate::eval::safeedit::judging::{open_judges, JudgeRef, JudgeSpec};
 use crate::eval::safeedit::{self, report, CaseRecord, SafeEditRun};
 use crate::save::check_output_dir;
@@ -34,12 +34,6 @@ pub struct JudgeArgs {
     /// Where the re-judged report goes (a new or empty directory).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
 }
 
 /// The records of `records.jsonl`, each line naming itself in errors.

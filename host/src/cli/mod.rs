@@ -115,6 +115,14 @@ pub enum Command {
     Demo(demo::DemoArgs),
 }
 
+/// A JSON file another command wrote (a run's summary.json), naming the file in errors.
+fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
+    use anyhow::Context as _;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
 /// Runs the parsed command line; the exit code reports partial failures.
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let context = Context::new(cli.global)?;

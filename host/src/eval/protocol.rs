@@ -147,6 +147,19 @@ pub fn evaluate_all(
     Ok(out)
 }
 
+/// A corpus perplexity after the last edit needs edits that accumulate.
+pub fn check_held_out(protocol: Protocol) -> Result<()> {
+    if protocol != Protocol::Sequential {
+        bail!(
+            "a perplexity corpus (--ppl-corpus) needs the sequential protocol (--protocol \
+             sequential): under `{}` every edit is undone before the next, so there is no edited \
+             model to measure",
+            protocol.name()
+        );
+    }
+    Ok(())
+}
+
 /// Runs `options.protocol` over `requests`; `pre` is the pre-edit baseline (one per request);
 /// `held_out`, if given, is measured before the first edit and after the last (sequential only).
 #[allow(clippy::too_many_arguments)]
@@ -161,12 +174,8 @@ pub fn run(
     show_progress: bool,
 ) -> Result<RunResult> {
     let started = Instant::now();
-    if held_out.is_some() && options.protocol != Protocol::Sequential {
-        bail!(
-            "a perplexity corpus needs the sequential protocol: under `{}` every edit is undone \
-             before the next, so there is no edited model to measure",
-            options.protocol.name()
-        );
+    if held_out.is_some() {
+        check_held_out(options.protocol)?;
     }
     let size = match options.protocol {
         Protocol::Single => 1,
