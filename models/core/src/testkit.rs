@@ -734,6 +734,104 @@ pub fn check_frozen_prefix(model: &mut impl Model, d_model: usize) {
     model.release(handle).unwrap();
 }
 
+/// Repeated gradient calls on a prepared batch take the products of the prepared layer that do
+/// not depend on the call's parameters (here everything in layer 1 before `layer.1.mlp.down`,
+/// whose output gradient is tapped as WISE's training asks) from the batch's memo: the second
+/// call reports hits and returns what the first did, bit for bit, and both match a call without
+/// a prepared batch. A weight change in the prepared layer (which keeps the handle valid)
+/// retires the kept products: the next call follows the new weight.
+pub fn check_product_memo(model: &mut impl Model) {
+    let batch = gradient_batch();
+    let site = "layer.1.mlp.down";
+    let req = |prepared: Option<u64>| GradRequest {
+        forward: ForwardRequest::new(batch.clone(), LogitsWanted::None),
+        nll: vec![
+            NllTerm {
+                row: 0,
+                position: 7,
+                token: 214,
+                weight: 1.0,
+            },
+            NllTerm {
+                row: 1,
+                position: 4,
+                token: 3,
+                weight: 0.5,
+            },
+        ]
+        .into(),
+        kl: Default::default(),
+        site_grads: vec![site.into()].into(),
+        prepared: prepared.into(),
+    };
+    let hits = |model: &mut dyn Model| -> u64 {
+        let v: serde_json::Value =
+            serde_json::from_str(&model.extension("gradient_paths", "").unwrap()).unwrap();
+        v["memo_hits"].as_u64().unwrap()
+    };
+    let close = |what: &str, a: &GradOutput, b: &GradOutput| {
+        let rel = ((a.loss - b.loss) / b.loss).abs();
+        assert!(rel < 1e-5, "{what}: loss {} vs {}", a.loss, b.loss);
+        let (ga, gb) = (&a.site_grads[0], &b.site_grads[0]);
+        for (part, x, y) in [
+            ("input", &ga.input, &gb.input),
+            ("output gradient", &ga.output_grad, &gb.output_grad),
+        ] {
+            let scale = y.as_slice().iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(scale > 0.0, "{what}: the {part} is zero");
+            let d = max_abs_diff(x.as_slice(), y.as_slice());
+            assert!(d <= 1e-4 * scale, "{what}: the {part} differs by {d}");
+        }
+    };
+    let whole = model.gradient(&req(None)).unwrap();
+    let handle = model.prepare(&batch, 1).unwrap();
+    let h0 = hits(model);
+    let first = model.gradient(&req(Some(handle))).unwrap();
+    let h1 = hits(model);
+    let second = model.gradient(&req(Some(handle))).unwrap();
+    let h2 = hits(model);
+    assert_eq!(h1, h0, "the first call has nothing to reuse");
+    assert!(h2 > h1, "the second call reused no product");
+    close("first prepared call", &first, &whole);
+    assert_eq!(first.loss.to_bits(), second.loss.to_bits(), "loss");
+    assert_eq!(
+        first.site_grads[0].output_grad.as_slice(),
+        second.site_grads[0].output_grad.as_slice(),
+        "a reused product changed the output gradient"
+    );
+
+    // The gate/up (or first MLP) map of layer 1 sits before the tapped one: perturb it (not a
+    // uniform scale, which GLM-4's norm after the MLP would undo).
+    let mark = model.journal_mark().unwrap();
+    let up = ["layer.1.mlp.up", "layer.1.mlp.gate"]
+        .into_iter()
+        .find(|s| model.read_weight(s).is_ok())
+        .expect("layer 1 has an MLP input map");
+    let mut w = model.read_weight(up).unwrap();
+    let noise = pseudo_random(41, w.as_slice().len(), 0.5);
+    for (v, n) in w.as_mut_slice().iter_mut().zip(noise) {
+        *v += n;
+    }
+    model.write_weight(up, &w).unwrap();
+    let changed = model.gradient(&req(None)).unwrap();
+    assert!(
+        (changed.loss - whole.loss).abs() > 1e-6 * whole.loss.abs(),
+        "scaling {up} did not change the loss; the check is void"
+    );
+    close(
+        "after a weight change",
+        &model.gradient(&req(Some(handle))).unwrap(),
+        &changed,
+    );
+    model.journal_rollback(mark).unwrap();
+    close(
+        "after the rollback",
+        &model.gradient(&req(Some(handle))).unwrap(),
+        &whole,
+    );
+    model.release(handle).unwrap();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Export.
 

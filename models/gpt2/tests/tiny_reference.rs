@@ -139,6 +139,11 @@ fn frozen_prefixes_give_the_same_gradients_as_whole_rows() {
 }
 
 #[test]
+fn repeated_prepared_calls_reuse_the_products_their_parameters_cannot_change() {
+    check_product_memo(&mut tiny());
+}
+
+#[test]
 fn export_writes_gpt2_conv1d_tensors_that_reload_to_the_same_logits() {
     let mut model = tiny();
     let (_guard, out) =

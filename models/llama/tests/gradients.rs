@@ -132,6 +132,11 @@ fn frozen_prefixes_give_the_same_gradients_as_whole_rows() {
 }
 
 #[test]
+fn repeated_prepared_calls_reuse_the_products_their_parameters_cannot_change() {
+    kedit_model_core::testkit::check_product_memo(&mut tiny_llama());
+}
+
+#[test]
 fn gradients_through_a_left_padded_batch_are_finite_and_match_the_unpadded_row() {
     let model = tiny_llama();
     let row = vec![292u32, 436, 342, 86, 406, 435];

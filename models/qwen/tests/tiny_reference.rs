@@ -131,6 +131,14 @@ fn frozen_prefixes_give_the_same_gradients_as_whole_rows() {
 }
 
 #[test]
+fn repeated_prepared_calls_reuse_the_products_their_parameters_cannot_change() {
+    for f in FAMILIES {
+        eprintln!("--- {f}");
+        check_product_memo(&mut tiny(f));
+    }
+}
+
+#[test]
 fn export_writes_hf_checkpoints_that_reload_to_the_same_logits() {
     // Qwen3's q_norm makes q's scale irrelevant: edit v there.
     for (f, site) in [("qwen2", "layer.1.attn.q"), ("qwen3", "layer.1.attn.v")] {

@@ -11,6 +11,7 @@ pub mod kv_cache;
 pub mod layer_norm;
 pub mod layout;
 pub mod loss;
+pub mod memo;
 pub mod ops;
 pub mod pass;
 pub mod rope;

@@ -14,6 +14,7 @@ use super::edits::SiteEdit;
 use super::frozen;
 use super::kv_cache::KvCache;
 use super::layout::RowLayout;
+use super::memo::MemoUse;
 use super::ops::{self, Path};
 use super::rope::{Rope, RopeTables};
 use crate::device::to_abi;
@@ -72,6 +73,7 @@ pub struct Pass<'a> {
     positions: Vec<u32>,
     rope_tables: Option<(Rope, RopeTables)>,
     cache: Option<&'a mut KvCache>,
+    memo: Option<MemoUse<'a>>,
     device: Device,
 }
 
@@ -101,6 +103,7 @@ impl<'a> Pass<'a> {
             taps: HashMap::new(),
             rope_tables: None,
             cache,
+            memo: None,
             device: device.clone(),
         })
     }
@@ -117,6 +120,13 @@ impl<'a> Pass<'a> {
 
     pub fn with_taps(mut self, sites: impl IntoIterator<Item = WeightSite>) -> Self {
         self.tap_sites.extend(sites);
+        self
+    }
+
+    /// Reuses the products of a prepared batch's earlier calls where their inputs recur (see
+    /// [`super::memo`]).
+    pub fn with_memo(mut self, memo: MemoUse<'a>) -> Self {
+        self.memo = Some(memo);
         self
     }
 
@@ -196,7 +206,13 @@ impl<'a> Pass<'a> {
     /// and taps stay those of `site`): for a family whose forward applies a weight derived from
     /// the stored one, such as Baichuan2's row-normalised head.
     pub fn linear_with(&mut self, site: WeightSite, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        let y = frozen::linear(x, w)?;
+        // The head's product is vocabulary-wide: kept, it would hold tens of megabytes.
+        let y = match self.memo {
+            Some(memo) if site != WeightSite::LmHead => {
+                memo.product(site, x, || Ok(frozen::linear(x, w)?))?
+            }
+            _ => frozen::linear(x, w)?,
+        };
         self.finish_linear(site, x, y)
     }
 

@@ -21,6 +21,7 @@ use crate::engine::edits::SiteEdit;
 use crate::engine::kv_cache::KvCache;
 use crate::engine::layout::RowLayout;
 use crate::engine::loss::{contracted_log_softmax, SlotLogProbs};
+use crate::engine::memo::{MemoUse, ProductMemo};
 use crate::engine::{Pass, Path};
 use crate::error::{invalid, not_found, numeric, Result};
 
@@ -147,7 +148,7 @@ impl LossPlan {
 }
 
 /// One differentiable pass: where it starts, what it changes and records, and its loss.
-struct GradientPass {
+struct GradientPass<'a> {
     layout: RowLayout,
     start: Start,
     edits: HashMap<ActSite, SiteEdit>,
@@ -156,6 +157,8 @@ struct GradientPass {
     loss_plan: LossPlan,
     /// Keys and values of frozen prefixes the pass continues.
     cache: Option<KvCache>,
+    /// The prepared batch's kept products.
+    memo: Option<&'a ProductMemo>,
 }
 
 /// Whether `site` lies below a prepared layer (computed once, so it cannot be changed).
@@ -202,6 +205,7 @@ impl<A: Architecture> Runtime<A> {
                 resid,
                 epoch: self.epochs.below(from_layer),
                 frozen: Default::default(),
+                products: Default::default(),
             },
         );
         Ok(handle)
@@ -335,6 +339,11 @@ impl<A: Architecture> Runtime<A> {
 
         // Where the differentiable pass starts: the embeddings, a prepared prefix's state, or
         // (when the loss and the edits allow) past the prefix's frozen leading tokens.
+        let memo = req
+            .prepared
+            .into_option()
+            .and_then(|h| self.prepared.get(&h))
+            .map(|p| &p.products);
         let (counter, layout, start, captures, cache) = match req.prepared.into_option() {
             None => (
                 &self.gradient_paths.full,
@@ -399,6 +408,7 @@ impl<A: Architecture> Runtime<A> {
                 taps,
                 loss_plan,
                 cache,
+                memo,
             },
         )
     }
@@ -408,7 +418,7 @@ impl<A: Architecture> Runtime<A> {
         &self,
         req: &GradRequest,
         vars: &[Var],
-        call: GradientPass,
+        call: GradientPass<'_>,
     ) -> Result<GradOutput> {
         let fwd = &req.forward;
         let dims = self.arch.dims();
@@ -421,6 +431,7 @@ impl<A: Architecture> Runtime<A> {
             taps,
             loss_plan,
             mut cache,
+            memo,
         } = call;
         let mut pass = Pass::new(
             Path::Gradient,
@@ -433,6 +444,13 @@ impl<A: Architecture> Runtime<A> {
         .with_edits(edits)
         .with_captures(captures.iter().copied())
         .with_taps(taps.iter().copied());
+        if let Some(memo) = memo {
+            pass = pass.with_memo(MemoUse {
+                memo,
+                epoch: self.epochs.total(),
+                hits: &self.gradient_paths.memo_hits,
+            });
+        }
 
         let h = self.run_blocks(&mut pass, start, dims.n_layers)?;
         let hn = self.arch.final_norm(&mut pass, &h)?;

@@ -19,6 +19,7 @@ use candle_core::{Device, Tensor};
 use kedit_plugin_api::{ActSite, Batch, WeightSite};
 
 use crate::arch::Architecture;
+use crate::engine::memo::ProductMemo;
 use crate::engine::Pass;
 use crate::journal::Journal;
 use crate::modules::ModuleSet;
@@ -77,6 +78,8 @@ struct Prepared {
     /// The batch's frozen prefixes (see [`prefix`]), built by the first gradient call that can
     /// use them.
     frozen: Mutex<prefix::FrozenState>,
+    /// Products its gradient calls compute again unchanged (see [`crate::engine::memo`]).
+    products: ProductMemo,
 }
 
 /// How many gradient calls took which path (for `extension("gradient_paths")`).
@@ -85,6 +88,8 @@ struct GradientPaths {
     full: AtomicU64,
     prepared: AtomicU64,
     frozen_prefix: AtomicU64,
+    /// Linear products of prepared calls answered from the batch's [`ProductMemo`].
+    memo_hits: AtomicU64,
 }
 
 pub struct Runtime<A: Architecture> {

@@ -116,17 +116,19 @@ impl<A: Architecture> Model for Runtime<A> {
     }
 
     /// `gradient_paths`: how many gradient calls ran whole rows (`full`), from a prepared
-    /// layer (`prepared`) or over frozen prefixes (`frozen_prefix`), as JSON.
+    /// layer (`prepared`) or over frozen prefixes (`frozen_prefix`), and how many linear
+    /// products prepared calls took from their batch's memo (`memo_hits`), as JSON.
     fn extension(&mut self, name: &str, _payload: &str) -> Result<String, PluginError> {
         match name {
             "gradient_paths" => {
                 let p = &self.gradient_paths;
                 let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
                 Ok(format!(
-                    r#"{{"full":{},"prepared":{},"frozen_prefix":{}}}"#,
+                    r#"{{"full":{},"prepared":{},"frozen_prefix":{},"memo_hits":{}}}"#,
                     n(&p.full),
                     n(&p.prepared),
-                    n(&p.frozen_prefix)
+                    n(&p.frozen_prefix),
+                    n(&p.memo_hits)
                 ))
             }
             _ => Err(PluginError::unsupported(format!(

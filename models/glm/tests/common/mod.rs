@@ -39,8 +39,8 @@ pub fn check_reference<A: Architecture>(model: &Runtime<A>, name: &str, d_ff: us
 }
 
 /// Loss, every activation-parameter gradient and every site gradient (dW = Σ gᵀx) against
-/// finite differences, plus a left-padded row against the row alone, and gradients over
-/// frozen prefixes against whole rows.
+/// finite differences, plus a left-padded row against the row alone, gradients over frozen
+/// prefixes against whole rows, and products reused across calls of a prepared batch.
 pub fn check_gradients(model: &mut impl Model, d_model: usize, d_ff: usize, sites: &[&str]) {
     let case = GradientCase::standard(d_model, d_ff, sites);
     case.check_loss(model);
@@ -48,6 +48,7 @@ pub fn check_gradients(model: &mut impl Model, d_model: usize, d_ff: usize, site
     case.check_site_grads(model);
     check_left_padded_gradient(model, d_model);
     check_frozen_prefix(model, d_model);
+    check_product_memo(model);
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f64 {
