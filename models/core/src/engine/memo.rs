@@ -9,9 +9,10 @@
 //! bit for bit the one it was computed from and no weight changed since (the runtime's change
 //! counter), so a hit returns exactly what the product would have.
 //!
-//! Only inputs outside the autograd graph are kept (a tracked input depends on this call's
-//! parameters), and only on the CPU, where comparing the input costs a memory scan, a small
-//! fraction of the product it saves.
+//! Only products of the prepared layer are kept (at most one block's worth), only for inputs
+//! outside the autograd graph (a tracked input depends on this call's parameters), and only on
+//! the CPU, where comparing the input costs a memory scan, a small fraction of the product it
+//! saves.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,10 +37,13 @@ pub struct ProductMemo {
     entries: Mutex<HashMap<WeightSite, Entry>>,
 }
 
-/// A memo as one pass uses it: the weight epoch the pass runs under, and where hits are counted.
+/// A memo as one pass uses it: the layer whose products it keeps (the prepared one: the memo
+/// then holds one block's products at most), the weight epoch the pass runs under, and where
+/// hits are counted.
 #[derive(Clone, Copy)]
 pub struct MemoUse<'a> {
     pub memo: &'a ProductMemo,
+    pub layer: usize,
     pub epoch: u64,
     pub hits: &'a AtomicU64,
 }
@@ -53,7 +57,11 @@ impl MemoUse<'_> {
         x: &Tensor,
         compute: impl FnOnce() -> Result<Tensor>,
     ) -> Result<Tensor> {
-        if x.track_op() || !x.device().is_cpu() || x.dtype() != DType::F32 {
+        if site.layer() != Some(self.layer)
+            || x.track_op()
+            || !x.device().is_cpu()
+            || x.dtype() != DType::F32
+        {
             return compute();
         }
         let input = x.flatten_all()?.to_vec1::<f32>()?;
@@ -110,6 +118,7 @@ mod tests {
         let hits = AtomicU64::new(0);
         let at = |epoch| MemoUse {
             memo: &memo,
+            layer: 0,
             epoch,
             hits: &hits,
         };
@@ -134,5 +143,16 @@ mod tests {
         counted(&at(1), &tracked, &mut calls);
         counted(&at(1), &tracked, &mut calls);
         assert_eq!((calls, hits.load(Ordering::Relaxed)), (6, 1));
+
+        // Another layer's product is never kept.
+        let other = MemoUse {
+            memo: &memo,
+            layer: 1,
+            epoch: 1,
+            hits: &hits,
+        };
+        counted(&other, &x, &mut calls);
+        counted(&other, &x, &mut calls);
+        assert_eq!((calls, hits.load(Ordering::Relaxed)), (8, 1));
     }
 }

@@ -157,8 +157,8 @@ struct GradientPass<'a> {
     loss_plan: LossPlan,
     /// Keys and values of frozen prefixes the pass continues.
     cache: Option<KvCache>,
-    /// The prepared batch's kept products.
-    memo: Option<&'a ProductMemo>,
+    /// The prepared batch's kept products, and its layer.
+    memo: Option<(&'a ProductMemo, usize)>,
 }
 
 /// Whether `site` lies below a prepared layer (computed once, so it cannot be changed).
@@ -343,7 +343,7 @@ impl<A: Architecture> Runtime<A> {
             .prepared
             .into_option()
             .and_then(|h| self.prepared.get(&h))
-            .map(|p| &p.products);
+            .map(|p| (&p.products, p.from_layer));
         let (counter, layout, start, captures, cache) = match req.prepared.into_option() {
             None => (
                 &self.gradient_paths.full,
@@ -444,9 +444,10 @@ impl<A: Architecture> Runtime<A> {
         .with_edits(edits)
         .with_captures(captures.iter().copied())
         .with_taps(taps.iter().copied());
-        if let Some(memo) = memo {
+        if let Some((memo, layer)) = memo {
             pass = pass.with_memo(MemoUse {
                 memo,
+                layer,
                 epoch: self.epochs.total(),
                 hits: &self.gradient_paths.memo_hits,
             });
