@@ -9,7 +9,8 @@
 //! bit for bit the one it was computed from and no weight changed since (the runtime's change
 //! counter), so a hit returns exactly what the product would have.
 //!
-//! Only products of the prepared layer are kept (at most one block's worth), only for inputs
+//! Only products of the prepared layer are kept (at most one block's worth; never the
+//! vocabulary-wide head, which belongs to no layer), only for inputs
 //! outside the autograd graph (a tracked input depends on this call's parameters), and only on
 //! the CPU, where comparing the input costs a memory scan, a small fraction of the product it
 //! saves.
@@ -75,7 +76,6 @@ impl MemoUse<'_> {
             // Bitwise, so that a NaN input or a signed zero never matches a different one.
             let same = e.epoch == self.epoch
                 && e.dims == dims
-                && e.input.len() == input.len()
                 && e.input
                     .iter()
                     .zip(&input)

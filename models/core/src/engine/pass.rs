@@ -206,12 +206,9 @@ impl<'a> Pass<'a> {
     /// and taps stay those of `site`): for a family whose forward applies a weight derived from
     /// the stored one, such as Baichuan2's row-normalised head.
     pub fn linear_with(&mut self, site: WeightSite, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        // The head's product is vocabulary-wide: kept, it would hold tens of megabytes.
         let y = match self.memo {
-            Some(memo) if site != WeightSite::LmHead => {
-                memo.product(site, x, || Ok(frozen::linear(x, w)?))?
-            }
-            _ => frozen::linear(x, w)?,
+            Some(memo) => memo.product(site, x, || Ok(frozen::linear(x, w)?))?,
+            None => frozen::linear(x, w)?,
         };
         self.finish_linear(site, x, y)
     }
