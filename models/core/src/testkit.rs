@@ -832,6 +832,125 @@ pub fn check_product_memo(model: &mut impl Model) {
     model.release(handle).unwrap();
 }
 
+/// A gradient call that wants no logits and touches nothing in the last block runs that
+/// block's output map and MLP, the final norm and the head on its loss slots alone: its loss,
+/// log-probabilities, parameter gradients and site gradients equal those of the same call
+/// asking for all logits (which needs every position), whole rows and over frozen prefixes
+/// alike, with loss terms in no particular order and two terms on one slot; the model counts
+/// the calls that took the short path (`last_block_slots`), and a parameter in the last block
+/// keeps every position.
+pub fn check_last_block_slots(model: &mut impl Model) {
+    let facts = model.facts().unwrap();
+    let (d_model, last) = (facts.d_model as usize, facts.n_layers as usize - 1);
+    assert!(last >= 2, "the check needs a parameter below the last block at layer 1");
+    let batch = gradient_batch();
+    let nll = |row: u32, position: u32, token: u32, weight: f32| NllTerm {
+        row,
+        position,
+        token,
+        weight,
+    };
+    let reference: Vec<f32> = log_softmax(&pseudo_random(19, 512, 2.0))
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    let req = |logits: LogitsWanted, site_grads: &[&str], param_layer: usize| {
+        let mut f = ForwardRequest::new(batch.clone(), logits);
+        f.interventions = vec![
+            Intervention::add_param(&format!("layer.{param_layer}.mlp_out"), 0, 3, 0),
+            Intervention::add_param(&format!("layer.{param_layer}.mlp_out"), 1, 4, 1),
+        ]
+        .into();
+        f.params = vec![
+            Tensor::new(&[d_model], pseudo_random(51, d_model, 0.5)).unwrap(),
+            Tensor::new(&[d_model], pseudo_random(52, d_model, 0.5)).unwrap(),
+        ]
+        .into();
+        GradRequest {
+            forward: f,
+            nll: vec![
+                nll(1, 4, 3, 0.5),
+                nll(0, 7, 214, 1.0),
+                nll(0, 3, 475, 0.25),
+                nll(1, 5, 311, 1.0),
+            ]
+            .into(),
+            kl: vec![KlTerm {
+                row: 0,
+                position: 7,
+                ref_logprobs: Tensor::vector(reference.clone()),
+                weight: 0.3,
+            }]
+            .into(),
+            site_grads: site_grads.iter().map(|&s| s.into()).collect::<Vec<_>>().into(),
+            prepared: None.into(),
+        }
+    };
+    let kept = |model: &mut dyn Model| -> u64 {
+        let v: serde_json::Value =
+            serde_json::from_str(&model.extension("gradient_paths", "").unwrap()).unwrap();
+        v["last_block_slots"].as_u64().unwrap()
+    };
+    let close = |what: &str, got: &GradOutput, want: &GradOutput| {
+        let rel = ((got.loss - want.loss) / want.loss).abs();
+        assert!(rel < 1e-5, "{what}: loss {} vs {}", got.loss, want.loss);
+        assert!((got.kl - want.kl).abs() < 1e-4, "{what}: kl");
+        for (x, y) in got.nll_logprobs.iter().zip(want.nll_logprobs.iter()) {
+            assert!((x - y).abs() < 1e-4, "{what}: log-probabilities {x} vs {y}");
+        }
+        let pairs = got
+            .param_grads
+            .iter()
+            .zip(want.param_grads.iter())
+            .map(|(a, b)| ("parameter gradient", a, b))
+            .chain(
+                got.site_grads
+                    .iter()
+                    .zip(want.site_grads.iter())
+                    .flat_map(|(a, b)| {
+                        [
+                            ("site input", &a.input, &b.input),
+                            ("site output gradient", &a.output_grad, &b.output_grad),
+                        ]
+                    }),
+            );
+        for (part, a, b) in pairs {
+            assert_eq!(a.dims(), b.dims(), "{what}: {part} shape");
+            let scale = b.as_slice().iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!(scale > 0.0, "{what}: the {part} is zero");
+            let d = max_abs_diff(a.as_slice(), b.as_slice());
+            assert!(d <= 1e-4 * scale, "{what}: the {part} differs by {d} (scale {scale})");
+        }
+    };
+    let site = ["layer.1.mlp.down"];
+
+    let k0 = kept(model);
+    let all = model.gradient(&req(LogitsWanted::All, &site, 1)).unwrap();
+    assert_eq!(kept(model), k0, "a call wanting all logits needs every position");
+    let short = model.gradient(&req(LogitsWanted::None, &site, 1)).unwrap();
+    assert_eq!(kept(model), k0 + 1, "the call did not keep the loss slots alone");
+    close("whole rows", &short, &all);
+
+    // Over frozen prefixes (a prepared batch, no site gradient).
+    let handle = model.prepare(&batch, 1).unwrap();
+    let all = model.gradient(&req(LogitsWanted::All, &[], 1)).unwrap();
+    let mut prepared = req(LogitsWanted::None, &[], 1);
+    prepared.prepared = Some(handle).into();
+    for what in ["frozen prefixes, building", "frozen prefixes, reusing"] {
+        let k = kept(model);
+        close(what, &model.gradient(&prepared).unwrap(), &all);
+        assert_eq!(kept(model), k + 1, "{what}: the loss slots were not kept alone");
+    }
+    model.release(handle).unwrap();
+
+    // A parameter in the last block itself: every position runs it.
+    let k = kept(model);
+    let all = model.gradient(&req(LogitsWanted::All, &[], last)).unwrap();
+    let plain = model.gradient(&req(LogitsWanted::None, &[], last)).unwrap();
+    assert_eq!(kept(model), k, "an intervention in the last block must keep every position");
+    close("a parameter in the last block", &plain, &all);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Export.
 

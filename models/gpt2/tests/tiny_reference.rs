@@ -144,6 +144,11 @@ fn repeated_prepared_calls_reuse_the_products_their_parameters_cannot_change() {
 }
 
 #[test]
+fn the_last_block_runs_only_the_loss_slots_with_the_same_gradients() {
+    check_last_block_slots(&mut tiny());
+}
+
+#[test]
 fn export_writes_gpt2_conv1d_tensors_that_reload_to_the_same_logits() {
     let mut model = tiny();
     let (_guard, out) =

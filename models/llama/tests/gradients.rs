@@ -137,6 +137,11 @@ fn repeated_prepared_calls_reuse_the_products_their_parameters_cannot_change() {
 }
 
 #[test]
+fn the_last_block_runs_only_the_loss_slots_with_the_same_gradients() {
+    kedit_model_core::testkit::check_last_block_slots(&mut tiny_llama());
+}
+
+#[test]
 fn gradients_through_a_left_padded_batch_are_finite_and_match_the_unpadded_row() {
     let model = tiny_llama();
     let row = vec![292u32, 436, 342, 86, 406, 435];

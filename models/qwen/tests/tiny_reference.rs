@@ -139,6 +139,14 @@ fn repeated_prepared_calls_reuse_the_products_their_parameters_cannot_change() {
 }
 
 #[test]
+fn the_last_block_runs_only_the_loss_slots_with_the_same_gradients() {
+    for f in FAMILIES {
+        eprintln!("--- {f}");
+        check_last_block_slots(&mut tiny(f));
+    }
+}
+
+#[test]
 fn export_writes_hf_checkpoints_that_reload_to_the_same_logits() {
     // Qwen3's q_norm makes q's scale irrelevant: edit v there.
     for (f, site) in [("qwen2", "layer.1.attn.q"), ("qwen3", "layer.1.attn.v")] {

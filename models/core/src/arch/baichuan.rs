@@ -251,6 +251,7 @@ impl Architecture for Baichuan {
             }
         };
         let a = pass.act(ActSite::AttnZ(i), a)?;
+        let (h, a) = pass.keep_slots(i, h, a)?;
         let attn_out = pass.linear(WeightSite::AttnO(i), &a)?;
         let attn_out = pass.act(ActSite::AttnOut(i), attn_out)?;
         let h = (h + attn_out)?;

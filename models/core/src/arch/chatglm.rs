@@ -255,6 +255,7 @@ impl Architecture for ChatGlm {
             pass.qkv(i, &h, self.attention, &|p, x| p.rms_norm(x, attn_norm, eps))?;
         let a = pass.attention(i, shape, Some(&self.config.rope), &q, &k, &v)?;
         let a = pass.act(ActSite::AttnZ(i), a)?;
+        let (h, a) = pass.keep_slots(i, h, a)?;
         let attn_out = pass.linear(WeightSite::AttnO(i), &a)?;
         let attn_out = pass.act(ActSite::AttnOut(i), attn_out)?;
         let h = (h + attn_out)?;

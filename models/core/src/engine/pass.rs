@@ -74,6 +74,11 @@ pub struct Pass<'a> {
     rope_tables: Option<(Rope, RopeTables)>,
     cache: Option<&'a mut KvCache>,
     memo: Option<MemoUse<'a>>,
+    /// The last block runs its attention output on, and everything after it only at, these
+    /// flat `row·seq + position` slots (see [`Pass::keep_slots`]).
+    kept_slots: Option<(usize, Tensor)>,
+    /// Whether a block gathered the kept slots.
+    slots_were_kept: bool,
     device: Device,
 }
 
@@ -104,6 +109,8 @@ impl<'a> Pass<'a> {
             rope_tables: None,
             cache,
             memo: None,
+            kept_slots: None,
+            slots_were_kept: false,
             device: device.clone(),
         })
     }
@@ -128,6 +135,41 @@ impl<'a> Pass<'a> {
     pub fn with_memo(mut self, memo: MemoUse<'a>) -> Self {
         self.memo = Some(memo);
         self
+    }
+
+    /// From the attention output of block `layer` on, computes only the flat `row·seq +
+    /// position` slots `slots` (in that order): the caller reads nothing else downstream. Only
+    /// for the last block, which no later attention reads, and only when nothing at or after
+    /// that point of the block is captured, intervened on, tapped or has a module.
+    pub fn with_kept_slots(mut self, layer: usize, slots: Tensor) -> Self {
+        self.kept_slots = Some((layer, slots));
+        self
+    }
+
+    /// Called by every block right after its attention (the `attn_z` site): when this pass
+    /// keeps only some slots from block `layer` on, the residual stream `h: [batch, seq, d]`
+    /// and the attention output `a: [batch, seq, w]` become `[1, slots, ·]`, so the output
+    /// map, the MLP, the final norm and the head run on those slots alone. Exact, since
+    /// every later operation is per position. Otherwise returns both unchanged.
+    pub fn keep_slots(&mut self, layer: usize, h: Tensor, a: Tensor) -> Result<(Tensor, Tensor)> {
+        match &self.kept_slots {
+            Some((l, slots)) if *l == layer => {
+                let gather = |t: Tensor| -> Result<Tensor> {
+                    let (b, s, w) = t.dims3()?;
+                    Ok(t.reshape((b * s, w))?.index_select(slots, 0)?.unsqueeze(0)?)
+                };
+                let kept = (gather(h)?, gather(a)?);
+                self.slots_were_kept = true;
+                Ok(kept)
+            }
+            _ => Ok((h, a)),
+        }
+    }
+
+    /// Whether a block kept only the slots of [`Pass::with_kept_slots`]: the stream leaving
+    /// the blocks is then `[1, slots, d]`, in the slots' order.
+    pub fn slots_were_kept(&self) -> bool {
+        self.slots_were_kept
     }
 
     pub fn path(&self) -> Path {

@@ -413,6 +413,36 @@ impl<A: Architecture> Runtime<A> {
         )
     }
 
+    /// Whether nothing in block `last` (the last one), the final norm or the head is
+    /// intervened on, captured, tapped or has a module, so that the block may run its output
+    /// map and MLP on the loss slots alone ([`Pass::with_kept_slots`]).
+    fn last_block_is_plain(
+        &self,
+        last: usize,
+        edits: &[ActSite],
+        captures: &[ActSite],
+        taps: &[WeightSite],
+    ) -> bool {
+        let act_after = |s: &ActSite| *s == ActSite::FinalNorm || s.layer() == Some(last);
+        let weight_after = |s: &WeightSite| *s == WeightSite::LmHead || s.layer() == Some(last);
+        let module_after = [
+            WeightSite::AttnQ(last),
+            WeightSite::AttnK(last),
+            WeightSite::AttnV(last),
+            WeightSite::AttnO(last),
+            WeightSite::MlpGate(last),
+            WeightSite::MlpUp(last),
+            WeightSite::MlpDown(last),
+            WeightSite::LmHead,
+        ]
+        .into_iter()
+        .any(|s| self.modules.has_site(s));
+        !edits.iter().any(act_after)
+            && !captures.iter().any(act_after)
+            && !taps.iter().any(weight_after)
+            && !module_after
+    }
+
     /// Runs one differentiable pass and the backward of its loss.
     fn run_gradient(
         &self,
@@ -433,6 +463,7 @@ impl<A: Architecture> Runtime<A> {
             mut cache,
             memo,
         } = call;
+        let edits_sites: Vec<ActSite> = edits.keys().copied().collect();
         let mut pass = Pass::new(
             Path::Gradient,
             &self.weights,
@@ -453,17 +484,32 @@ impl<A: Architecture> Runtime<A> {
             });
         }
 
-        let h = self.run_blocks(&mut pass, start, dims.n_layers)?;
-        let hn = self.arch.final_norm(&mut pass, &h)?;
-        let hn = pass.act(ActSite::FinalNorm, hn)?;
-        let (b, s, d) = hn.dims3()?;
-
         // The head runs on the loss slots only, unless something needs all of its output.
         let full_head = fwd.logits == LogitsWanted::All
             || taps.contains(&WeightSite::LmHead)
             || self.modules.has_site(WeightSite::LmHead);
         let slots = Tensor::new(loss_plan.slots.as_slice(), &self.device)?;
-        let (slot_logits, all_logits) = if full_head {
+        let last = dims.n_layers.checked_sub(1);
+        if let Some(last) = last.filter(|&l| {
+            fwd.logits == LogitsWanted::None
+                && !loss_plan.slots.is_empty()
+                && self.last_block_is_plain(l, &edits_sites, &captures, &taps)
+        }) {
+            pass = pass.with_kept_slots(last, slots.clone());
+        }
+
+        let h = self.run_blocks(&mut pass, start, dims.n_layers)?;
+        let hn = self.arch.final_norm(&mut pass, &h)?;
+        let hn = pass.act(ActSite::FinalNorm, hn)?;
+        let (b, s, d) = hn.dims3()?;
+
+        let (slot_logits, all_logits) = if pass.slots_were_kept() {
+            // The last block already ran on the loss slots alone, in their order.
+            self.gradient_paths
+                .last_block_slots
+                .fetch_add(1, Ordering::Relaxed);
+            (Some(self.arch.lm_head(&mut pass, &hn)?.squeeze(0)?), None)
+        } else if full_head {
             let all = self.arch.lm_head(&mut pass, &hn)?;
             let picked = if loss_plan.slots.is_empty() {
                 None

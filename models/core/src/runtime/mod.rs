@@ -90,6 +90,8 @@ struct GradientPaths {
     frozen_prefix: AtomicU64,
     /// Linear products of prepared calls answered from the batch's [`ProductMemo`].
     memo_hits: AtomicU64,
+    /// Gradient calls whose last block ran its output map and MLP on the loss slots alone.
+    last_block_slots: AtomicU64,
 }
 
 pub struct Runtime<A: Architecture> {

@@ -117,18 +117,21 @@ impl<A: Architecture> Model for Runtime<A> {
 
     /// `gradient_paths`: how many gradient calls ran whole rows (`full`), from a prepared
     /// layer (`prepared`) or over frozen prefixes (`frozen_prefix`), and how many linear
-    /// products prepared calls took from their batch's memo (`memo_hits`), as JSON.
+    /// products prepared calls took from their batch's memo (`memo_hits`), and how many calls
+    /// ran their last block's output map and MLP on the loss slots alone
+    /// (`last_block_slots`), as JSON.
     fn extension(&mut self, name: &str, _payload: &str) -> Result<String, PluginError> {
         match name {
             "gradient_paths" => {
                 let p = &self.gradient_paths;
                 let n = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
                 Ok(format!(
-                    r#"{{"full":{},"prepared":{},"frozen_prefix":{},"memo_hits":{}}}"#,
+                    r#"{{"full":{},"prepared":{},"frozen_prefix":{},"memo_hits":{},"last_block_slots":{}}}"#,
                     n(&p.full),
                     n(&p.prepared),
                     n(&p.frozen_prefix),
-                    n(&p.memo_hits)
+                    n(&p.memo_hits),
+                    n(&p.last_block_slots)
                 ))
             }
             _ => Err(PluginError::unsupported(format!(

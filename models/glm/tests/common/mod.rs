@@ -49,6 +49,7 @@ pub fn check_gradients(model: &mut impl Model, d_model: usize, d_ff: usize, site
     check_left_padded_gradient(model, d_model);
     check_frozen_prefix(model, d_model);
     check_product_memo(model);
+    check_last_block_slots(model);
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f64 {

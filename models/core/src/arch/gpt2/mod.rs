@@ -178,6 +178,7 @@ impl Architecture for Gpt2 {
             pass.qkv(i, &h, self.attention, &|p, x| self.norm(p, x, &ln_w, &ln_b))?;
         let a = pass.attention(i, shape, None, &q, &k, &v)?;
         let a = pass.act(ActSite::AttnZ(i), a)?;
+        let (h, a) = pass.keep_slots(i, h, a)?;
         let attn_out = pass.linear(WeightSite::AttnO(i), &a)?;
         let attn_out = pass.act(ActSite::AttnOut(i), attn_out)?;
         let h = (h + attn_out)?;
