@@ -182,12 +182,86 @@ where
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .label_font(("sans-serif", 14))
-            .position(SeriesLabelPosition::LowerRight)
+            .position(legend_corner(&placed, (x0, x1), (y0, y1), chart.series.len()).position())
             .draw()
             .map_err(err)?;
     }
     root.present().map_err(err)?;
     Ok(())
+}
+
+/// A corner of the plot for the legend box.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Corner {
+    LowerRight,
+    UpperRight,
+    LowerLeft,
+    UpperLeft,
+}
+
+impl Corner {
+    fn position(self) -> SeriesLabelPosition {
+        match self {
+            Corner::LowerRight => SeriesLabelPosition::LowerRight,
+            Corner::UpperRight => SeriesLabelPosition::UpperRight,
+            Corner::LowerLeft => SeriesLabelPosition::LowerLeft,
+            Corner::UpperLeft => SeriesLabelPosition::UpperLeft,
+        }
+    }
+}
+
+/// The corner whose legend-sized box the lines cross least (samples along every segment),
+/// so the legend does not hide the points it names; ties go to the lower right.
+fn legend_corner(
+    series: &[Vec<(f64, f64)>],
+    (x0, x1): (f64, f64),
+    (y0, y1): (f64, f64),
+    n_labels: usize,
+) -> Corner {
+    // The legend's share of the plot: about a third of the width, one line per label.
+    let (w, h) = (0.35, ((n_labels as f64 * 22.0 + 12.0) / 440.0).min(0.8));
+    let unit = |(x, y): (f64, f64)| ((x - x0) / (x1 - x0), (y - y0) / (y1 - y0));
+    let mut samples = Vec::new();
+    for line in series {
+        let pts: Vec<(f64, f64)> = line
+            .iter()
+            .filter(|(x, y)| x.is_finite() && y.is_finite())
+            .map(|&p| unit(p))
+            .collect();
+        samples.extend(pts.iter().copied());
+        for pair in pts.windows(2) {
+            let ((ax, ay), (bx, by)) = (pair[0], pair[1]);
+            for k in 1..20 {
+                let t = k as f64 / 20.0;
+                samples.push((ax + (bx - ax) * t, ay + (by - ay) * t));
+            }
+        }
+    }
+    let inside = |corner: Corner| {
+        let (right, upper) = match corner {
+            Corner::LowerRight => (true, false),
+            Corner::UpperRight => (true, true),
+            Corner::LowerLeft => (false, false),
+            Corner::UpperLeft => (false, true),
+        };
+        samples
+            .iter()
+            .filter(|&&(x, y)| {
+                let in_x = if right { x >= 1.0 - w } else { x <= w };
+                let in_y = if upper { y >= 1.0 - h } else { y <= h };
+                in_x && in_y
+            })
+            .count()
+    };
+    [
+        Corner::LowerRight,
+        Corner::UpperRight,
+        Corner::LowerLeft,
+        Corner::UpperLeft,
+    ]
+    .into_iter()
+    .min_by_key(|&c| inside(c))
+    .unwrap_or(Corner::LowerRight)
 }
 
 /// Writes `stem.png` and `stem.svg` into `dir`.
@@ -203,6 +277,27 @@ pub fn write_chart(dir: &Path, stem: &str, chart: &Chart) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_legend_goes_to_the_corner_the_lines_leave_free() {
+        // Metrics rising from the lower left to the upper right: the lower right is free.
+        let rising = vec![vec![(0.0, 0.1), (1.0, 0.5), (2.0, 0.95)]];
+        assert_eq!(
+            legend_corner(&rising, (0.0, 2.0), (0.0, 1.0), 3),
+            Corner::LowerRight
+        );
+        // Lines ending low on the right (as WISE's Rel at T = 500) and Loc across the top
+        // leave the lower left free.
+        let falling = vec![
+            vec![(0.0, 1.0), (1.0, 0.9), (2.0, 0.75)],
+            vec![(0.0, 0.9), (1.0, 0.5), (2.0, 0.25)],
+            vec![(0.0, 0.5), (1.0, 0.3), (2.0, 0.15)],
+        ];
+        assert_eq!(
+            legend_corner(&falling, (0.0, 2.0), (0.0, 1.0), 6),
+            Corner::LowerLeft
+        );
+    }
 
     #[test]
     fn charts_are_written_as_png_and_svg() {

@@ -842,7 +842,10 @@ pub fn check_product_memo(model: &mut impl Model) {
 pub fn check_last_block_slots(model: &mut impl Model) {
     let facts = model.facts().unwrap();
     let (d_model, last) = (facts.d_model as usize, facts.n_layers as usize - 1);
-    assert!(last >= 2, "the check needs a parameter below the last block at layer 1");
+    assert!(
+        last >= 2,
+        "the check needs a parameter below the last block at layer 1"
+    );
     let batch = gradient_batch();
     let nll = |row: u32, position: u32, token: u32, weight: f32| NllTerm {
         row,
@@ -882,7 +885,11 @@ pub fn check_last_block_slots(model: &mut impl Model) {
                 weight: 0.3,
             }]
             .into(),
-            site_grads: site_grads.iter().map(|&s| s.into()).collect::<Vec<_>>().into(),
+            site_grads: site_grads
+                .iter()
+                .map(|&s| s.into())
+                .collect::<Vec<_>>()
+                .into(),
             prepared: None.into(),
         }
     };
@@ -919,16 +926,27 @@ pub fn check_last_block_slots(model: &mut impl Model) {
             let scale = b.as_slice().iter().fold(0f32, |m, v| m.max(v.abs()));
             assert!(scale > 0.0, "{what}: the {part} is zero");
             let d = max_abs_diff(a.as_slice(), b.as_slice());
-            assert!(d <= 1e-4 * scale, "{what}: the {part} differs by {d} (scale {scale})");
+            assert!(
+                d <= 1e-4 * scale,
+                "{what}: the {part} differs by {d} (scale {scale})"
+            );
         }
     };
     let site = ["layer.1.mlp.down"];
 
     let k0 = kept(model);
     let all = model.gradient(&req(LogitsWanted::All, &site, 1)).unwrap();
-    assert_eq!(kept(model), k0, "a call wanting all logits needs every position");
+    assert_eq!(
+        kept(model),
+        k0,
+        "a call wanting all logits needs every position"
+    );
     let short = model.gradient(&req(LogitsWanted::None, &site, 1)).unwrap();
-    assert_eq!(kept(model), k0 + 1, "the call did not keep the loss slots alone");
+    assert_eq!(
+        kept(model),
+        k0 + 1,
+        "the call did not keep the loss slots alone"
+    );
     close("whole rows", &short, &all);
 
     // Over frozen prefixes (a prepared batch, no site gradient).
@@ -939,7 +957,11 @@ pub fn check_last_block_slots(model: &mut impl Model) {
     for what in ["frozen prefixes, building", "frozen prefixes, reusing"] {
         let k = kept(model);
         close(what, &model.gradient(&prepared).unwrap(), &all);
-        assert_eq!(kept(model), k + 1, "{what}: the loss slots were not kept alone");
+        assert_eq!(
+            kept(model),
+            k + 1,
+            "{what}: the loss slots were not kept alone"
+        );
     }
     model.release(handle).unwrap();
 
@@ -947,7 +969,11 @@ pub fn check_last_block_slots(model: &mut impl Model) {
     let k = kept(model);
     let all = model.gradient(&req(LogitsWanted::All, &[], last)).unwrap();
     let plain = model.gradient(&req(LogitsWanted::None, &[], last)).unwrap();
-    assert_eq!(kept(model), k, "an intervention in the last block must keep every position");
+    assert_eq!(
+        kept(model),
+        k,
+        "an intervention in the last block must keep every position"
+    );
     close("a parameter in the last block", &plain, &all);
 }
 

@@ -156,7 +156,9 @@ impl<'a> Pass<'a> {
             Some((l, slots)) if *l == layer => {
                 let gather = |t: Tensor| -> Result<Tensor> {
                     let (b, s, w) = t.dims3()?;
-                    Ok(t.reshape((b * s, w))?.index_select(slots, 0)?.unsqueeze(0)?)
+                    Ok(t.reshape((b * s, w))?
+                        .index_select(slots, 0)?
+                        .unsqueeze(0)?)
                 };
                 let kept = (gather(h)?, gather(a)?);
                 self.slots_were_kept = true;
