@@ -603,6 +603,15 @@ pub fn check_directional(what: &str, analytic: f64, plus: f64, minus: f64, eps: 
     );
 }
 
+/// One counter of the model's `gradient_paths` extension.
+fn gradient_path_count(model: &mut dyn Model, key: &str) -> u64 {
+    let v: serde_json::Value =
+        serde_json::from_str(&model.extension("gradient_paths", "").unwrap()).unwrap();
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("gradient_paths has no counter '{key}': {v}"))
+}
+
 /// Gradient calls on a prepared batch over frozen prefixes (each row's positions before its
 /// first intervention and loss slot computed once, keys and values cached) give the same loss,
 /// parameter gradients and last-token logits as whole-row calls, on a right-padded batch whose
@@ -764,11 +773,7 @@ pub fn check_product_memo(model: &mut impl Model) {
         site_grads: vec![site.into()].into(),
         prepared: prepared.into(),
     };
-    let hits = |model: &mut dyn Model| -> u64 {
-        let v: serde_json::Value =
-            serde_json::from_str(&model.extension("gradient_paths", "").unwrap()).unwrap();
-        v["memo_hits"].as_u64().unwrap()
-    };
+    let hits = |model: &mut dyn Model| gradient_path_count(model, "memo_hits");
     let close = |what: &str, a: &GradOutput, b: &GradOutput| {
         let rel = ((a.loss - b.loss) / b.loss).abs();
         assert!(rel < 1e-5, "{what}: loss {} vs {}", a.loss, b.loss);
@@ -893,11 +898,7 @@ pub fn check_last_block_slots(model: &mut impl Model) {
             prepared: None.into(),
         }
     };
-    let kept = |model: &mut dyn Model| -> u64 {
-        let v: serde_json::Value =
-            serde_json::from_str(&model.extension("gradient_paths", "").unwrap()).unwrap();
-        v["last_block_slots"].as_u64().unwrap()
-    };
+    let kept = |model: &mut dyn Model| gradient_path_count(model, "last_block_slots");
     let close = |what: &str, got: &GradOutput, want: &GradOutput| {
         let rel = ((got.loss - want.loss) / want.loss).abs();
         assert!(rel < 1e-5, "{what}: loss {} vs {}", got.loss, want.loss);
