@@ -173,9 +173,10 @@ fn requests() -> Vec<EditRequest> {
     vec![a, b]
 }
 
-/// Optimisation steps and key-statistics passes found in editors' reports: any `steps` array
-/// of objects with `seconds` (ROME's v* steps, per layer) and any `statistics` array with
-/// `tokens_per_s` (a statistics pass that ran rather than came from the cache).
+/// Optimisation steps and key-statistics passes found in editors' reports: any `steps` or
+/// `iterations` array of objects with `seconds` (ROME's v* steps, per layer; WISE's training
+/// iterations) and any `statistics` array with `tokens_per_s` (a statistics pass that ran
+/// rather than came from the cache).
 #[derive(Default)]
 struct StepTimes {
     step_seconds: Vec<f64>,
@@ -191,7 +192,7 @@ impl StepTimes {
                 Value::Object(map) => {
                     for (k, child) in map {
                         match (k.as_str(), child) {
-                            ("steps", Value::Array(items)) => {
+                            ("steps" | "iterations", Value::Array(items)) => {
                                 for s in items {
                                     if let Some(sec) = s.get("seconds").and_then(Value::as_f64) {
                                         out.step_seconds.push(sec);
@@ -388,4 +389,31 @@ pub fn run(context: &Context, args: BenchArgs) -> Result<ExitCode> {
     }
     println!("{text}");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_times_come_from_rome_steps_and_wise_iterations() {
+        let mut times = StepTimes::default();
+        // ROME: v* steps per layer, and a statistics pass that ran and one from the cache.
+        times.add(
+            &json!({"layers": [{"steps": [{"seconds": 0.4}, {"seconds": 0.6}]}],
+            "statistics": [{"from_cache": false, "tokens_per_s": 900.0}, {"from_cache": true}]}),
+        );
+        // WISE: one edit's training iterations.
+        times.add(
+            &json!({"edits": [{"iterations": [{"seconds": 0.1}, {"seconds": 0.2},
+            {"seconds": 0.3}]}]}),
+        );
+        // A report without either counts no edit.
+        times.add(&json!({"loss": 1.0}));
+        let mut entry = json!({});
+        times.write_into(&mut entry);
+        assert_eq!(entry["steps_per_edit"], json!([2.0, 3.0]));
+        assert_eq!(entry["median_step_seconds"], json!(0.3));
+        assert_eq!(entry["statistics"].as_array().unwrap().len(), 1);
+    }
 }
