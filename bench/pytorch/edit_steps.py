@@ -72,7 +72,12 @@ def load(path, torch):
     return tok, model
 
 
+def log(msg):
+    print(f"edit_steps: {msg}", file=sys.stderr, flush=True)
+
+
 def rome_step(tok, model, torch, layer, repeats):
+    log("rome: generating the context templates")
     torch.manual_seed(0)
     templates = ["{}"]
     for length in (5, 10):
@@ -98,12 +103,12 @@ def rome_step(tok, model, torch, layer, repeats):
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    # The last subject token of every row (the subject precedes the prompt's end).
-    subj = tok(req["subject"], add_special_tokens=False).input_ids
+    # The last subject token of every row: the tokens of the text up to the subject's end, as
+    # ROME finds it.
     lookup = []
-    for r in rows:
-        last = max(i + len(subj) - 1 for i in range(len(r) - len(subj) + 1) if r[i : i + len(subj)] == subj)
-        lookup.append(last)
+    for t in texts + [kl_text]:
+        end = t.rindex(req["subject"]) + len(req["subject"])
+        lookup.append(len(tok(t[:end]).input_ids) - 1)
     n_edit = len(texts)
     # Target positions: the last len(target) tokens of each edit row predict the target.
     targets = []
@@ -123,6 +128,7 @@ def rome_step(tok, model, torch, layer, repeats):
 
     handle = mlp.register_forward_hook(hook)
     kl_init = None
+    log(f"rome: {len(rows)} rows of {width} tokens, timing steps")
 
     def step():
         nonlocal kl_init
@@ -154,6 +160,7 @@ def rome_step(tok, model, torch, layer, repeats):
 
 
 def wise_step(tok, model, torch, layer, repeats):
+    log("wise: generating the context templates")
     templates = ["{}"]
     for length in (5, 10):
         for prefix in WISE_PREFIXES:
@@ -185,6 +192,7 @@ def wise_step(tok, model, torch, layer, repeats):
 
     handle = down.register_forward_hook(forward_hook)
     alpha, beta, gamma = 5.0, 20.0, 10.0
+    log(f"wise: {len(rows)} rows of {width} tokens, timing iterations")
 
     def step():
         if side.grad is not None:
