@@ -177,6 +177,13 @@ impl ModelHandle {
             .check("journal_rollback", self.inner.journal_rollback(mark))?)
     }
 
+    /// Forgets the journal's changes after `mark`, keeping their effect.
+    pub fn journal_commit(&mut self, mark: u64) -> Result<()> {
+        Ok(self
+            .plugin
+            .check("journal_commit", self.inner.journal_commit(mark))?)
+    }
+
     /// Writes the model (with its edits) into `dir`, in the layout it was loaded from.
     pub fn export(&self, dir: &Path) -> Result<()> {
         let dir_text = dir.to_string_lossy();

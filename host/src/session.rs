@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::time::Instant;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context as _, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use kedit_plugin_api::{EditReport, EditRequest, ErrorKind};
 use serde::Serialize;
@@ -26,6 +26,12 @@ pub struct SessionOptions {
     pub probe_tokens: usize,
     /// Show an indicatif bar on stderr (only drawn on a terminal).
     pub progress_bar: bool,
+    /// Keep each applied edit's undo entries in the model's journal, so that the caller can
+    /// roll back to a mark taken before the session. Without it every applied edit is
+    /// committed (its undo entries forgotten, the edit kept): memory stays bounded over
+    /// thousands of sequential edits, each of which would otherwise keep the weights or side
+    /// memories it replaced. A failed edit is rolled back either way.
+    pub keep_undo: bool,
 }
 
 impl Default for SessionOptions {
@@ -34,6 +40,7 @@ impl Default for SessionOptions {
             batch: false,
             probe_tokens: 8,
             progress_bar: true,
+            keep_undo: true,
         }
     }
 }
@@ -102,7 +109,7 @@ pub struct EditOutcome {
     pub status: Status,
     pub error: Option<String>,
     /// The journal mark taken before the call: rolling back to it undoes this edit and every
-    /// later one.
+    /// later one (with [`SessionOptions::keep_undo`]; without it the applied edit is committed).
     pub journal_mark: Option<u64>,
     pub report: Option<ReportRecord>,
     pub before: Vec<Prediction>,
@@ -256,6 +263,11 @@ impl EditSession<'_> {
         match transaction {
             Transaction::Applied { mark, report } => {
                 outcome.journal_mark = Some(mark);
+                if !self.options.keep_undo {
+                    self.model
+                        .journal_commit(mark)
+                        .context("cannot commit the applied edit in the model's journal")?;
+                }
                 print(
                     out,
                     format!(

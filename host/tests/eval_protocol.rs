@@ -1,6 +1,7 @@
 //! The evaluation protocols against the in-process mock plugins: `single` and `batch` undo every
 //! edit, `sequential` evaluates on the final model (and, with `eval_each`, right after each edit),
-//! a failed edit is evaluated on the rolled-back model, and the model is left as it was found.
+//! a failed edit is evaluated on the rolled-back model; `single` and `batch` leave the model as
+//! they found it, `sequential` leaves the edits in and keeps no undo history.
 //! The mock model's argmax at every position is min(weight sum / 4, 3), so locality (agreement
 //! with the pre-edit argmax) shows how many edits the evaluated model carries.
 
@@ -28,15 +29,18 @@ fn with_locality(id: &str, prompt: &str) -> EditRequest {
 }
 
 fn run(requests: &[EditRequest], options: ProtocolOptions) -> (RunResult, f32) {
-    run_with_corpus(requests, options, None).unwrap()
+    let (result, sum, _) = run_with_corpus(requests, options, None).unwrap();
+    (result, sum)
 }
 
-/// The protocol, with the held-out perplexity over `corpus` (one document per line) if given.
+/// The protocol, with the held-out perplexity over `corpus` (one document per line) if given:
+/// the result, the edited weight's sum afterwards, and how many entries the model's journal
+/// gained.
 fn run_with_corpus(
     requests: &[EditRequest],
     options: ProtocolOptions,
     corpus: Option<&str>,
-) -> anyhow::Result<(RunResult, f32)> {
+) -> anyhow::Result<(RunResult, f32, u64)> {
     let registry = mock_registry();
     let mut model = ModelHandle::open(
         &registry,
@@ -68,6 +72,7 @@ fn run_with_corpus(
         std::fs::write(&file, text).unwrap();
         HeldOut::load(&model, &file, 2, 16).unwrap()
     });
+    let mark = model.journal_mark().unwrap();
     let result = protocol::run(
         &mut model,
         &mut edit,
@@ -79,7 +84,7 @@ fn run_with_corpus(
         false,
     )?;
     let sum = model.read_weight(SITE).unwrap().as_slice().iter().sum();
-    Ok((result, sum))
+    Ok((result, sum, model.journal_mark().unwrap() - mark))
 }
 
 fn locality(r: &RunResult, i: usize) -> f64 {
@@ -120,8 +125,9 @@ fn sequential_evaluates_on_the_final_model_and_eval_each_right_after_each_edit()
         batch_size: 1,
         eval_each: true,
     };
-    let (r, sum) = run(&requests(), options);
-    assert_eq!(sum, 0.0, "the model is left as it was found");
+    let (r, sum, journal_growth) = run_with_corpus(&requests(), options, None).unwrap();
+    assert!(sum > 0.0, "the two applied edits stay in the model");
+    assert_eq!(journal_growth, 0, "sequential edits keep no undo history");
     // Right after the failed first edit the model is unchanged; on the final model (two edits
     // applied) every request's locality probe has moved.
     let immediate: Vec<f64> = r
@@ -145,8 +151,8 @@ fn sequential_measures_the_corpus_perplexity_before_the_first_edit_and_after_the
     };
     // Only the last two lines are held out. The mock's tokens are bytes and its vocabulary 0–3.
     let corpus = "not read\n\u{1}\u{2}\u{3}\u{0}\u{1}\u{2}\n\u{2}\u{2}\u{1}\n";
-    let (r, sum) = run_with_corpus(&requests(), options.clone(), Some(corpus)).unwrap();
-    assert_eq!(sum, 0.0, "the model is left as it was found");
+    let (r, sum, _) = run_with_corpus(&requests(), options.clone(), Some(corpus)).unwrap();
+    assert!(sum > 0.0, "the edits stay in the model");
     let p = r.perplexity.expect("a perplexity corpus was given");
     assert_eq!(p.held_out.docs.len(), 2);
     let post = p.post.expect("the run finished");

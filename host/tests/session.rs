@@ -26,9 +26,15 @@ struct Run {
     summary: SessionSummary,
     output: String,
     weight: Vec<f32>,
+    /// The model's journal length afterwards.
+    journal: u64,
 }
 
 fn run(requests: &[EditRequest], batch: bool, cancel: CancelFlag) -> Run {
+    run_with(requests, batch, cancel, true)
+}
+
+fn run_with(requests: &[EditRequest], batch: bool, cancel: CancelFlag, keep_undo: bool) -> Run {
     let registry = mock_registry();
     let mut model = open_model(&registry);
     let (plugin, method) = registry.editor_for_method("bump").unwrap();
@@ -44,6 +50,7 @@ fn run(requests: &[EditRequest], batch: bool, cancel: CancelFlag) -> Run {
             batch,
             probe_tokens: 1,
             progress_bar: false,
+            keep_undo,
         },
     }
     .run(requests, &mut output)
@@ -52,6 +59,7 @@ fn run(requests: &[EditRequest], batch: bool, cancel: CancelFlag) -> Run {
         summary,
         output: String::from_utf8(output).unwrap(),
         weight: model.read_weight(SITE).unwrap().into_vec(),
+        journal: model.journal_mark().unwrap(),
     }
 }
 
@@ -81,6 +89,26 @@ fn sequential_edits_accumulate_and_show_predictions_before_and_after() {
         r.output
     );
     assert!(r.output.contains("2 request(s)"), "{}", r.output);
+}
+
+#[test]
+fn without_undo_history_applied_edits_are_committed_and_failed_ones_still_rolled_back() {
+    let requests = [
+        request("ok1", "fine"),
+        request("fail", "FAIL here"),
+        request("ok2", "fine again"),
+    ];
+    let kept = run_with(&requests, false, CancelFlag::new(), true);
+    let committed = run_with(&requests, false, CancelFlag::new(), false);
+    for r in [&kept, &committed] {
+        assert_eq!(
+            statuses(&r.summary),
+            [Status::Applied, Status::Failed, Status::Applied]
+        );
+        assert_eq!(r.weight, [2.0; 4], "the two good edits, and only those");
+    }
+    assert_eq!(kept.journal, 2, "one undo entry per applied edit");
+    assert_eq!(committed.journal, 0, "no undo history");
 }
 
 #[test]

@@ -173,6 +173,8 @@ pub fn apply_plan(
             batch: plan.batch,
             probe_tokens,
             progress_bar: true,
+            // Nothing undoes a `kedit edit` run's edits: keep no undo history.
+            keep_undo: false,
         },
     };
     let summary = session.run(&plan.requests, &mut std::io::stdout().lock())?;

@@ -358,6 +358,7 @@ fn evaluate_case(
                 batch: false,
                 probe_tokens: 0,
                 progress_bar: false,
+                keep_undo: true,
             },
         };
         session.run(std::slice::from_ref(request), &mut io::sink())?
