@@ -59,6 +59,15 @@ def timed(step, repeats):
     return statistics.median(times), times
 
 
+def timed_with_hook(step, handle, repeats, shape, unit):
+    """Times `step`, removes the model hook `handle`, and returns `shape` with the times."""
+    try:
+        median, times = timed(step, repeats)
+    finally:
+        handle.remove()
+    return {**shape, f"median_{unit}_seconds": median, f"{unit}_seconds": times}
+
+
 def load(path, torch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -146,17 +155,7 @@ def rome_step(tok, model, torch, layer, repeats):
         (nll + kl + decay).backward()
         opt.step()
 
-    try:
-        median, times = timed(step, repeats)
-    finally:
-        handle.remove()
-    return {
-        "rows": len(rows),
-        "padded_len": width,
-        "edit_layer": layer,
-        "median_step_seconds": median,
-        "step_seconds": times,
-    }
+    return timed_with_hook(step, handle, repeats, {"rows": len(rows), "padded_len": width, "edit_layer": layer}, "step")
 
 
 def wise_step(tok, model, torch, layer, repeats):
@@ -215,17 +214,7 @@ def wise_step(tok, model, torch, layer, repeats):
             side.add_(side.grad, alpha=-1.0)
             side.copy_(torch.clamp(side, original - 1.0, original + 1.0))
 
-    try:
-        median, times = timed(step, repeats)
-    finally:
-        handle.remove()
-    return {
-        "rows": len(rows),
-        "padded_len": width,
-        "edit_layer": layer,
-        "median_iteration_seconds": median,
-        "iteration_seconds": times,
-    }
+    return timed_with_hook(step, handle, repeats, {"rows": len(rows), "padded_len": width, "edit_layer": layer}, "iteration")
 
 
 def main():
