@@ -108,10 +108,6 @@ def rome_step(tok, model, torch, layer, repeats):
     texts = [t.format(prompt) + tok.decode(target[:-1]) for t in templates]
     kl_text = "{} is a".format(req["subject"])
     rows = [tok(t).input_ids for t in texts] + [tok(kl_text).input_ids]
-    width = max(len(r) for r in rows)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     # The last subject token of every row: the tokens of the text up to the subject's end, as
     # ROME finds it.
     lookup = []
@@ -124,6 +120,18 @@ def rome_step(tok, model, torch, layer, repeats):
     for b, r in enumerate(rows[:n_edit]):
         start = len(r) - (len(target) - 1)
         targets.append([(b, start - 1 + j, target[j]) for j in range(len(target))])
+    return time_rome_rows(tok, model, torch, layer, rows, lookup, targets, repeats)
+
+
+def time_rome_rows(tok, model, torch, layer, rows, lookup, targets, repeats):
+    """Times one v* step on `rows` (token ids; the edit rows, then the KL row last): δ added at
+    each row's `lookup` position, NLL at `targets` (per edit row, (row, position, token)
+    triples), right-padded as EasyEdit pads."""
+    n_edit = len(targets)
+    width = max(len(r) for r in rows)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
     d = model.config.hidden_size
     delta = torch.zeros(d, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=0.5)
@@ -156,6 +164,59 @@ def rome_step(tok, model, torch, layer, repeats):
         opt.step()
 
     return timed_with_hook(step, handle, repeats, {"rows": len(rows), "padded_len": width, "edit_layer": layer}, "step")
+
+
+def rome_replay(tok, model, torch, reports, repeats):
+    """Times one v* step on each ROME edit of a `kedit bench --reports` file, on the very rows
+    kedit optimised (its report's `rows_text`, subject positions, label positions and target
+    ids), and puts the step counts kedit's early stop took against them: the reference's edit is
+    those steps at its step time (EasyEdit's own per-edit overhead not counted)."""
+    edits = []
+    for n, line in enumerate(pathlib.Path(reports).read_text().splitlines(), 1):
+        rec = json.loads(line)
+        if rec.get("method") != "rome":
+            continue
+        for entry in rec["details"]["layers"]:
+            # kedit's rows carry no BOS; the tokenizer transformers builds from the GGUF adds one.
+            rows = [tok(t, add_special_tokens=False).input_ids for t in entry["rows_text"]]
+            labels, target = entry["label_positions"], entry["target_ids"]
+            for b, positions in enumerate(labels):
+                if positions[-1] != len(rows[b]) - 1 or len(positions) != len(target):
+                    sys.exit(
+                        f"edit_steps.py: {reports} line {n}, row {b}: kedit's label positions "
+                        f"{positions} do not fit the {len(rows[b])} tokens this tokenizer makes"
+                    )
+            targets = [[(b, p, target[j]) for j, p in enumerate(ps)] for b, ps in enumerate(labels)]
+            log(f"rome replay: request {rec['request']}")
+            timing = time_rome_rows(
+                tok, model, torch, entry["layer"], rows, entry["subject_last_index_per_row"], targets, repeats
+            )
+            steps = [s["seconds"] for s in entry["steps"]]
+            edits.append(
+                {
+                    "request": rec["request"],
+                    **timing,
+                    "kedit_steps": len(steps),
+                    "kedit_median_step_seconds": statistics.median(steps),
+                    "kedit_edit_seconds": rec["seconds"],
+                    "reference_edit_seconds": len(steps) * timing["median_step_seconds"],
+                }
+            )
+    if not edits:
+        sys.exit(f"edit_steps.py: {reports} holds no ROME edit")
+
+    def ratio(key_ref, key_kedit):
+        return statistics.median(e[key_ref] / e[key_kedit] for e in edits)
+
+    return {
+        "edits": edits,
+        "median_step_ratio": ratio("median_step_seconds", "kedit_median_step_seconds"),
+        "median_edit_ratio": ratio("reference_edit_seconds", "kedit_edit_seconds"),
+        "total_edit_ratio": sum(e["reference_edit_seconds"] for e in edits)
+        / sum(e["kedit_edit_seconds"] for e in edits),
+        "median_kedit_edit_seconds": statistics.median(e["kedit_edit_seconds"] for e in edits),
+        "median_reference_edit_seconds": statistics.median(e["reference_edit_seconds"] for e in edits),
+    }
 
 
 def wise_step(tok, model, torch, layer, repeats):
@@ -225,6 +286,11 @@ def main():
     ap.add_argument("--wise-layer", type=int, default=27, help="WISE's layer (EasyEdit's LLaMA files: 27)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument(
+        "--kedit-reports",
+        help="a `kedit bench --reports` file: time ROME's step on each of its edits' rows instead "
+        "of the built-in request (and skip WISE)",
+    )
     args = ap.parse_args()
     path = pathlib.Path(args.model).resolve()
     if not path.is_file() or path.suffix != ".gguf":
@@ -241,10 +307,13 @@ def main():
         "transformers": transformers.__version__,
         "threads": args.threads,
         "model": str(path),
-        "rome": rome_step(tok, model, torch, args.rome_layer, args.repeats),
-        "wise": wise_step(tok, model, torch, args.wise_layer, args.repeats),
-        "process_cpu_seconds": time.process_time() - cpu0,
     }
+    if args.kedit_reports:
+        result["rome_replay"] = rome_replay(tok, model, torch, args.kedit_reports, args.repeats)
+    else:
+        result["rome"] = rome_step(tok, model, torch, args.rome_layer, args.repeats)
+        result["wise"] = wise_step(tok, model, torch, args.wise_layer, args.repeats)
+    result["process_cpu_seconds"] = time.process_time() - cpu0
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

@@ -1,8 +1,15 @@
 //! `kedit bench`: the numbers to track release to release — forward latency (5 and 64 tokens),
 //! greedy generation tokens/s, edit time per method, evaluation throughput (records/s, without
 //! fluency) and peak RSS — as JSON.
+//!
+//! Edits are timed on two built-in requests, or with `--data` on a dataset's records: an
+//! optimisation step's cost depends on the request (ROME's steps run only the positions from the
+//! subject on), so medians over real records are what compares with a reference's per-edit
+//! figure. `--reports FILE.jsonl` keeps each timed edit's report for a reference to replay
+//! (bench/pytorch/edit_steps.py).
 
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -16,6 +23,7 @@ use serde_json::{json, Value};
 
 use super::{Context, ModelArgs};
 use crate::cancel::CancelFlag;
+use crate::data::{load_requests, DataFormat, Window};
 use crate::editor::{EditProgress, EditorHandle};
 use crate::eval::metrics;
 use crate::eval::score::{score_request, ScoreSettings};
@@ -36,6 +44,23 @@ pub struct BenchArgs {
     /// Timed repetitions of each measurement (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
+    /// Time the edits on this dataset's records (each edited alone and rolled back) instead
+    /// of the two built-in requests.
+    #[arg(long, value_name = "FILE")]
+    pub data: Option<PathBuf>,
+    /// Format of --data.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub format: DataFormat,
+    /// Records of --data to time.
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    pub limit: usize,
+    /// Skip the first K records of --data.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    pub offset: usize,
+    /// Write every timed edit's report here, one JSON object per line (`method`, `request`,
+    /// `seconds`, `details`): what a reference implementation needs to replay the same rows.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub reports: Option<PathBuf>,
     /// Write the JSON here (atomically) as well as to stdout.
     #[arg(long, value_name = "FILE.json")]
     pub out: Option<PathBuf>,
@@ -185,7 +210,8 @@ struct StepTimes {
 }
 
 impl StepTimes {
-    fn add(&mut self, details: &Value) {
+    /// Adds one edit's report; returns its number of steps.
+    fn add(&mut self, details: &Value) -> usize {
         let mut steps_here = 0usize;
         fn walk(v: &Value, out: &mut StepTimes, steps_here: &mut usize) {
             match v {
@@ -218,12 +244,14 @@ impl StepTimes {
         if steps_here > 0 {
             self.steps_per_edit.push(steps_here as f64);
         }
+        steps_here
     }
 
     fn write_into(&self, entry: &mut Value) {
         if !self.step_seconds.is_empty() {
             entry["median_step_seconds"] = json!(metrics::median(&self.step_seconds));
             entry["steps_per_edit"] = json!(self.steps_per_edit);
+            entry["median_steps_per_edit"] = json!(metrics::median(&self.steps_per_edit));
         }
         if !self.statistics.is_empty() {
             entry["statistics"] = json!(self.statistics);
@@ -308,6 +336,36 @@ pub fn run(context: &Context, args: BenchArgs) -> Result<ExitCode> {
         "records_per_second": reqs.len() as f64 / eval_median.max(1e-9),
     });
 
+    let edit_requests = match &args.data {
+        Some(path) => {
+            let window = Window {
+                offset: args.offset,
+                limit: Some(args.limit),
+            };
+            let loaded = load_requests(path, args.format, window)?;
+            if loaded.is_empty() {
+                anyhow::bail!(
+                    "{}: no records at offset {} to time edits on",
+                    path.display(),
+                    args.offset
+                );
+            }
+            loaded
+        }
+        None => reqs,
+    };
+    let edit_source = match &args.data {
+        Some(path) => json!({"data": path.display().to_string(), "format": args.format.name(),
+            "offset": args.offset, "records": edit_requests.len()}),
+        None => json!({"data": "built-in", "records": edit_requests.len()}),
+    };
+    let mut reports_out = match &args.reports {
+        Some(path) => Some(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?,
+        )),
+        None => None,
+    };
     let methods = if args.methods.is_empty() {
         vec!["ft".to_string()]
     } else {
@@ -328,7 +386,13 @@ pub fn run(context: &Context, args: BenchArgs) -> Result<ExitCode> {
         let cancel = CancelFlag::new();
         let mut times = Vec::new();
         let mut steps = StepTimes::default();
-        for r in &reqs {
+        for (i, r) in edit_requests.iter().enumerate() {
+            eprintln!(
+                "bench: {name} [{}/{}] request {}",
+                i + 1,
+                edit_requests.len(),
+                r.id
+            );
             let mark = model.journal_mark()?;
             let t = Instant::now();
             let mut progress = EditProgress::new(&cancel, None);
@@ -339,12 +403,18 @@ pub fn run(context: &Context, args: BenchArgs) -> Result<ExitCode> {
                 &hparams,
                 &mut progress,
             );
-            times.push(t.elapsed().as_secs_f64());
+            let seconds = t.elapsed().as_secs_f64();
+            times.push(seconds);
             model.journal_rollback(mark)?;
             let report = result
                 .with_context(|| format!("{method} failed on request {:?}", r.prompt.as_str()))?;
-            if let Ok(details) = serde_json::from_str::<Value>(&report.details_json) {
-                steps.add(&details);
+            let details =
+                serde_json::from_str::<Value>(&report.details_json).unwrap_or(Value::Null);
+            steps.add(&details);
+            if let Some(out) = reports_out.as_mut() {
+                let line = json!({"method": method, "request": r.id.as_str(),
+                    "seconds": seconds, "details": details});
+                writeln!(out, "{line}").context("cannot write the edit reports")?;
             }
         }
         let mut entry = json!({"requests": times.len(), "median_seconds": metrics::median(&times), "seconds": times});
@@ -352,6 +422,9 @@ pub fn run(context: &Context, args: BenchArgs) -> Result<ExitCode> {
         edits.insert(method.clone(), entry);
     }
 
+    if let Some(mut out) = reports_out {
+        out.flush().context("cannot write the edit reports")?;
+    }
     // After the peak RSS is read: the probe's buffer is not the model's memory.
     let peak_rss = peak_rss_mib();
     eprintln!("bench: memory read bandwidth");
@@ -369,6 +442,7 @@ pub fn run(context: &Context, args: BenchArgs) -> Result<ExitCode> {
         "forward": forward,
         "generation": generation,
         "evaluation": evaluation,
+        "edit_requests": edit_source,
         "edit": edits,
         "installed_modules": modules,
         "peak_rss_mib": peak_rss,
@@ -382,7 +456,10 @@ pub fn run(context: &Context, args: BenchArgs) -> Result<ExitCode> {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(std::path::Path::new("."));
         std::fs::create_dir_all(dir)?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        // A temporary file is private (0600); the report is an ordinary file like any other.
+        let mut tmp = tempfile::Builder::new()
+            .permissions(std::fs::Permissions::from_mode(0o644))
+            .tempfile_in(dir)?;
         tmp.write_all(text.as_bytes())?;
         tmp.persist(out)
             .with_context(|| format!("cannot write {}", out.display()))?;
