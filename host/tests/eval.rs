@@ -124,3 +124,41 @@ fn fluency_generation_is_deterministic_for_a_seed() {
     assert!(text.starts_with("The Eiffel Tower is located in"), "{text}");
     assert!(a.metrics["fluency"] > 0.0);
 }
+
+#[test]
+fn chat_prompts_score_in_scope_prompts_in_the_chat_template_and_leave_locality_plain() {
+    let model = open();
+    let mut request = EditRequest::fact("The capital of France is", "France", "Paris");
+    request.rephrase = vec!["France's capital city is".into()].into();
+    request.locality = vec![PromptAnswer {
+        prompt: "Tokyo is in".into(),
+        answer: "Japan".into(),
+        label: "neighborhood".into(),
+    }]
+    .into();
+    let chat = ScoreSettings {
+        chat_prompts: true,
+        counterfact: false,
+        ..settings()
+    };
+    let plain = ScoreSettings {
+        counterfact: false,
+        ..settings()
+    };
+    let with_chat = score_request(&model, &request, 0, &chat, None).unwrap();
+    // The same request with its rewrite and rephrase prompts rendered by hand.
+    let mut rendered = request.clone();
+    rendered.prompt = model.chat_prompt(&request.prompt).unwrap().into();
+    rendered.rephrase = vec![model.chat_prompt(&request.rephrase[0]).unwrap().into()].into();
+    let by_hand = score_request(&model, &rendered, 0, &plain, None).unwrap();
+    assert_eq!(with_chat.metrics, by_hand.metrics);
+    assert!(rendered.prompt.as_str().contains("<|im_start|>user"));
+    // Locality probes stay plain: their argmax is the plain scoring's.
+    let without = score_request(&model, &request, 0, &plain, None).unwrap();
+    assert_eq!(with_chat.locality_argmax, without.locality_argmax);
+    // And the in-scope rows are not the plain ones.
+    assert_ne!(
+        with_chat.metrics["rewrite_ppl"],
+        without.metrics["rewrite_ppl"]
+    );
+}

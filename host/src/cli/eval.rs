@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _, Result};
 use clap::Args;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::{safeedit_eval, Context, ModelArgs};
 use crate::cancel::CancelFlag;
@@ -207,13 +207,23 @@ pub fn run(context: &Context, args: EvalArgs) -> Result<ExitCode> {
     let mut model = context.open_model_with(&registry, &args.model)?;
     let family = model.facts().family.to_string();
     let hparams = merge_hparams(&info, &family, &plan.user_hparams)?;
+    // A method that trains on chat-formatted prompts is scored on them (EasyEdit's rule).
+    plan.settings.chat_prompts = hparams
+        .get("use_chat_template")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     eprintln!(
-        "kedit eval: {method} on {} ({family}), {} requests from {} ({}), protocol {}",
+        "kedit eval: {method} on {} ({family}), {} requests from {} ({}), protocol {}{}",
         model.source().display(),
         requests.len(),
         plan.data.display(),
         format.name(),
-        plan.options.protocol.name()
+        plan.options.protocol.name(),
+        if plan.settings.chat_prompts {
+            "; in-scope prompts in the chat template (use_chat_template)"
+        } else {
+            ""
+        }
     );
 
     // The pre-edit baseline, cached.

@@ -45,6 +45,13 @@ pub struct ScoreSettings {
     /// Upper bound on the logits one forward pass may return (batch × seq × vocab floats); the
     /// rows of a record are split into several passes above it.
     pub max_logits: usize,
+    /// Wrap the rewrite, rephrase and portability prompts (not the locality ones) in the
+    /// model's chat template as one user turn before the answer, as EasyEdit's
+    /// `test_prediction_acc` does when the method's hparams set `use_chat_template` — the form
+    /// such a method trained its edits on. Left out of the baseline key when off, so baselines
+    /// cached before the setting existed stay valid.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub chat_prompts: bool,
 }
 
 impl Default for ScoreSettings {
@@ -56,6 +63,7 @@ impl Default for ScoreSettings {
             top_k: 5,
             seed: 0,
             max_logits: 64 << 20,
+            chat_prompts: false,
         }
     }
 }
@@ -202,7 +210,14 @@ pub fn score_request(
         specs.len() - 1
     };
     let target = request.target_new.as_str();
-    let rewrite = push(easyedit_row(model, &request.prompt, target)?);
+    let in_scope = |prompt: &str| -> Result<String> {
+        if settings.chat_prompts {
+            model.chat_prompt(prompt)
+        } else {
+            Ok(prompt.to_string())
+        }
+    };
+    let rewrite = push(easyedit_row(model, &in_scope(&request.prompt)?, target)?);
     let mut layout = Layout {
         rewrite,
         rephrase: Vec::new(),
@@ -213,7 +228,9 @@ pub fn score_request(
         cf_neighborhood: Vec::new(),
     };
     for p in request.rephrase.iter() {
-        layout.rephrase.push(push(easyedit_row(model, p, target)?));
+        layout
+            .rephrase
+            .push(push(easyedit_row(model, &in_scope(p)?, target)?));
     }
     for l in request.locality.iter() {
         layout
@@ -223,7 +240,7 @@ pub fn score_request(
     for p in request.portability.iter() {
         layout
             .portability
-            .push(push(easyedit_row(model, &p.prompt, &p.answer)?));
+            .push(push(easyedit_row(model, &in_scope(&p.prompt)?, &p.answer)?));
     }
     let truth = request.ground_truth.as_ref().into_option();
     if let (true, Some(truth)) = (settings.counterfact, truth) {
