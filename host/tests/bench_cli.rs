@@ -8,31 +8,14 @@ mod cli_support;
 use std::process::Command;
 
 use cli_support::{kedit, read_json};
-use kedit_plugin_api::testing::{numbered_words, word_level_tokenizer, WordStyle};
 use serde_json::{json, Value};
 
 #[test]
 fn bench_times_edits_on_dataset_records_and_keeps_their_reports() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let tokenizer = word_level_tokenizer(numbered_words(512), "w0", WordStyle::Spaces);
-    let model = cli_support::llama_fixture(dir, &tokenizer);
+    let (model, data) = cli_support::fixture_with_zsre_records(dir, 3);
     let model = model.to_str().unwrap();
-    let records: Vec<_> = (0..3)
-        .map(|i| {
-            json!({
-                "subject": format!("w{}", 101 + i),
-                "src": format!("w100 w{} w102", 101 + i),
-                "alt": format!("w{}", 377 + i),
-                "answers": ["w5"],
-                "rephrase": format!("w103 w{} w102", 101 + i),
-                "loc": "w300 w301 w302",
-                "loc_ans": "w9"
-            })
-        })
-        .collect();
-    let data = dir.join("zsre.json");
-    std::fs::write(&data, Value::Array(records).to_string()).unwrap();
     let hp = dir.join("wise.toml");
     std::fs::write(
         &hp,

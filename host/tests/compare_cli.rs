@@ -10,8 +10,6 @@ use std::path::Path;
 use std::process::Command;
 
 use cli_support::{assert_images, kedit, read_json};
-use kedit_plugin_api::testing::{numbered_words, word_level_tokenizer, WordStyle};
-use serde_json::json;
 
 /// `kedit eval` with its pre-edit baseline cache inside `home` (not the user's).
 fn eval(home: &Path, args: &[&str]) -> std::process::Output {
@@ -27,23 +25,7 @@ fn eval(home: &Path, args: &[&str]) -> std::process::Output {
 fn sequential_runs_report_corpus_perplexity_and_compare_charts_them_against_t() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let tokenizer = word_level_tokenizer(numbered_words(512), "w0", WordStyle::Spaces);
-    let model = cli_support::llama_fixture(dir, &tokenizer);
-    let records: Vec<_> = (0..3)
-        .map(|i| {
-            json!({
-                "subject": format!("w{}", 101 + i),
-                "src": format!("w100 w{} w102", 101 + i),
-                "alt": format!("w{}", 377 + i),
-                "answers": ["w5"],
-                "rephrase": format!("w103 w{} w102", 101 + i),
-                "loc": "w300 w301 w302",
-                "loc_ans": "w9"
-            })
-        })
-        .collect();
-    let data = dir.join("zsre.json");
-    std::fs::write(&data, serde_json::Value::Array(records).to_string()).unwrap();
+    let (model, data) = cli_support::fixture_with_zsre_records(dir, 3);
     let corpus = dir.join("corpus.txt");
     std::fs::write(
         &corpus,

@@ -35,6 +35,30 @@ pub fn llama_fixture(dir: &Path, tokenizer_json: &str) -> PathBuf {
     model
 }
 
+/// A copy of the tiny llama fixture with a word-level tokenizer over `w0`…`w511` (spaces
+/// between words), and `n` ZsRE records for it in `dir/zsre.json`: record i edits
+/// `w100 w{101+i} w102` to `w{377+i}`, with the same locality question for all.
+pub fn fixture_with_zsre_records(dir: &Path, n: usize) -> (PathBuf, PathBuf) {
+    let tokenizer = word_level_tokenizer(testing::numbered_words(512), "w0", WordStyle::Spaces);
+    let model = llama_fixture(dir, &tokenizer);
+    let records: Vec<Value> = (0..n)
+        .map(|i| {
+            serde_json::json!({
+                "subject": format!("w{}", 101 + i),
+                "src": format!("w100 w{} w102", 101 + i),
+                "alt": format!("w{}", 377 + i),
+                "answers": ["w5"],
+                "rephrase": format!("w103 w{} w102", 101 + i),
+                "loc": "w300 w301 w302",
+                "loc_ans": "w9"
+            })
+        })
+        .collect();
+    let data = dir.join("zsre.json");
+    std::fs::write(&data, Value::Array(records).to_string()).unwrap();
+    (model, data)
+}
+
 /// Runs `kedit args…`, fails the test with its stderr unless it succeeds, returns stdout.
 pub fn kedit(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_kedit"))
