@@ -210,8 +210,7 @@ struct StepTimes {
 }
 
 impl StepTimes {
-    /// Adds one edit's report; returns its number of steps.
-    fn add(&mut self, details: &Value) -> usize {
+    fn add(&mut self, details: &Value) {
         let mut steps_here = 0usize;
         fn walk(v: &Value, out: &mut StepTimes, steps_here: &mut usize) {
             match v {
@@ -244,7 +243,6 @@ impl StepTimes {
         if steps_here > 0 {
             self.steps_per_edit.push(steps_here as f64);
         }
-        steps_here
     }
 
     fn write_into(&self, entry: &mut Value) {
@@ -336,7 +334,7 @@ pub fn run(context: &Context, args: BenchArgs) -> Result<ExitCode> {
         "records_per_second": reqs.len() as f64 / eval_median.max(1e-9),
     });
 
-    let edit_requests = match &args.data {
+    let (edit_requests, edit_source) = match &args.data {
         Some(path) => {
             let window = Window {
                 offset: args.offset,
@@ -350,14 +348,14 @@ pub fn run(context: &Context, args: BenchArgs) -> Result<ExitCode> {
                     args.offset
                 );
             }
-            loaded
+            let source = json!({"data": path.display().to_string(), "format": args.format.name(),
+                "offset": args.offset, "records": loaded.len()});
+            (loaded, source)
         }
-        None => reqs,
-    };
-    let edit_source = match &args.data {
-        Some(path) => json!({"data": path.display().to_string(), "format": args.format.name(),
-            "offset": args.offset, "records": edit_requests.len()}),
-        None => json!({"data": "built-in", "records": edit_requests.len()}),
+        None => {
+            let source = json!({"data": "built-in", "records": reqs.len()});
+            (reqs, source)
+        }
     };
     let mut reports_out = match &args.reports {
         Some(path) => Some(std::io::BufWriter::new(
